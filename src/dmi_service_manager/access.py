@@ -1,0 +1,82 @@
+"""Who is asking, and may they in: IP_WHITELIST and TRUSTED_PROXIES.
+
+The original's rule, kept exactly: start from the TCP peer; while the address in hand is a trusted
+proxy, step one address left in X-Forwarded-For; the first untrusted address is the client. A header
+sent by an untrusted peer is therefore never believed. Both lists also take CIDR ranges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Containers post progress to /status_update/ from the host itself (host networking).
+LOOPBACK_PATHS = ("/status_update",)
+
+
+def _networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+
+def _address(text: str) -> IPAddress | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # "[::1]:443" as some proxies write it
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "1.2.3.4:5678"
+        text = text.split(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True)
+class Caller:
+    address: str
+    via_trusted_proxy: bool
+
+
+class AccessPolicy:
+    def __init__(self, whitelist: Iterable[str], trusted_proxies: Iterable[str]) -> None:
+        self.whitelist = _networks(whitelist)
+        self.trusted = _networks(trusted_proxies)
+
+    def _is_trusted(self, address: IPAddress) -> bool:
+        return any(address in net for net in self.trusted)
+
+    def caller(self, peer: str | None, forwarded_for: str | None) -> Caller:
+        """The client's address after walking back through trusted proxies."""
+        current = _address(peer or "")
+        if current is None:
+            return Caller(address=peer or "", via_trusted_proxy=False)
+        hops = [h for h in (forwarded_for or "").split(",") if h.strip()]
+        via_proxy = False
+        while self._is_trusted(current) and hops:
+            previous = _address(hops.pop())
+            if previous is None:
+                break
+            current = previous
+            via_proxy = True
+        return Caller(address=str(current), via_trusted_proxy=via_proxy)
+
+    def allows(self, address: str, path: str) -> bool:
+        if not self.whitelist:
+            return True
+        parsed = _address(address)
+        if parsed is None:
+            return False
+        if parsed.is_loopback and path.startswith(LOOPBACK_PATHS):
+            return True
+        return any(parsed in net for net in self.whitelist)
+
+    def peer_is_trusted(self, peer: str | None) -> bool:
+        """Whether forwarded Host/Proto/Prefix headers from this peer may shape our URLs."""
+        address = _address(peer or "")
+        return address is not None and self._is_trusted(address)

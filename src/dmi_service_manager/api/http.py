@@ -1,0 +1,73 @@
+"""Small helpers every router shares: the process context, JSON answers, the caller, our own URL."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..context import AppContext
+
+CALLER_KEY = "dsm.caller"
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*/?")
+
+
+def ctx(request: Request) -> AppContext:
+    context: AppContext = request.app.state.ctx
+    return context
+
+
+def json_response(data: Any, status_code: int = 200) -> Response:
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return Response(content=body, status_code=status_code, media_type="application/json")
+
+
+def caller(request: Request) -> str:
+    """The client's address after trusted proxies (set by the access middleware)."""
+    return str(request.scope.get(CALLER_KEY) or (request.client.host if request.client else "unknown"))
+
+
+def _first(value: str | None) -> str | None:
+    if not value:
+        return None
+    first = value.split(",")[0].strip()
+    return first or None
+
+
+def base_url(request: Request) -> str:
+    """This server's URL as the client sees it: behind a trusted proxy, as the proxy says."""
+    scheme = request.url.scheme
+    host = request.headers.get("host") or (
+        f"{request.scope['server'][0]}:{request.scope['server'][1]}" if request.scope.get("server") else "localhost"
+    )
+    prefix = request.scope.get("root_path", "")
+    client = request.client.host if request.client else None
+    if ctx(request).policy.peer_is_trusted(client):
+        scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
+        host = _first(request.headers.get("x-forwarded-host")) or host
+        prefix = _first(request.headers.get("x-forwarded-prefix")) or prefix
+    if scheme not in ("http", "https"):
+        scheme = "http"
+    if not _HOST.fullmatch(host):
+        server = request.scope.get("server") or ("localhost", ctx(request).port)
+        host = f"{server[0]}:{server[1]}"
+    prefix = prefix.strip("/")
+    prefix = f"/{prefix}" if prefix and _PREFIX.fullmatch(f"/{prefix}") else ""
+    return f"{scheme}://{host}{prefix}"
+
+
+async def json_body(request: Request) -> Any:
+    """The body as JSON, or None when there is none; a BadRequest when it is not JSON."""
+    from ..errors import BadRequest
+
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None

@@ -1,0 +1,135 @@
+"""Builds the ASGI app: routers, the access check, the one error handler, and the lifespan."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .access import AccessPolicy
+from .api import dashboard, files, gpu, health, jobs, services
+from .api.http import CALLER_KEY, json_response
+from .config import Config, load_config
+from .context import AppContext
+from .errors import DsmError
+
+log = logging.getLogger(__name__)
+
+ENV_CONFIG = "DSM_CONFIG"
+ENV_PORT = "DSM_PORT"
+ENV_SUPERVISOR = "DSM_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+class AccessMiddleware:
+    """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing."""
+
+    def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for")
+        peer = scope["client"][0] if scope.get("client") else None
+        who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
+        scope[CALLER_KEY] = who.address
+        if not self.policy.allows(who.address, scope["path"]):
+            log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
+            response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _error_body(status: int, message: str) -> Response:
+    return json_response({"status": "error", "message": message, "reason": message}, status)
+
+
+async def _dsm_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DsmError)
+    return json_response(exc.body(), exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"Not found: {request.url.path}", 405: f"Method {request.method} not allowed here"}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return _error_body(exc.status_code, message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return _error_body(400, f"invalid request: {exc}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_body(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _die_with_supervisor() -> None:
+    """A worker of `--workers N` dies with its parent, so a kill -9 of the server frees the port."""
+    supervisor = os.environ.get(ENV_SUPERVISOR)
+    if not supervisor or not supervisor.isdigit() or int(supervisor) == os.getpid():
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning("cannot ask the kernel to end this worker with its parent")
+    if os.getppid() != int(supervisor):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def create_app(config: Config, port: int) -> FastAPI:
+    context = AppContext.build(config, port)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _die_with_supervisor()
+        context.start_background()  # scheduler and adoption start after the socket is up
+        yield
+        context.stop_background()
+
+    app = FastAPI(
+        title="DMI Service Manager",
+        summary="Runs Docker containers as jobs for 4CAT and manages the files they read and write",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.ctx = context
+    for router in (health.router, jobs.router, gpu.router, files.router, dashboard.router, services.router):
+        app.include_router(router)
+    handlers: dict[Any, Any] = {
+        DsmError: _dsm_error,
+        HTTPException: _http_error,
+        RequestValidationError: _validation_error,
+        Exception: _unexpected,
+    }
+    for kind, handler in handlers.items():
+        app.add_exception_handler(kind, handler)
+    app.add_middleware(AccessMiddleware, policy=context.policy)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The factory that `dsm serve` hands uvicorn, so that every worker process builds its own app."""
+    path = os.environ.get(ENV_CONFIG)
+    loaded = load_config(Path(path) if path else None)
+    logging.basicConfig(level=loaded.config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(loaded.config, int(os.environ.get(ENV_PORT, "4000")))

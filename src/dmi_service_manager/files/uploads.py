@@ -1,0 +1,244 @@
+"""`send_files`: one multipart request, streamed part by part straight into staging files.
+
+Nothing is held in memory beyond the parser's chunk, whatever the file size. Each file lands in a
+hidden staging folder on the same file system and is renamed into place only once it is complete,
+so a client that disconnects, a refused file, a full disk or a killed server never leaves a partial
+file where a real one would be. Names are sanitised exactly as werkzeug's `secure_filename` does,
+because 4CAT predicts the stored names that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from python_multipart.multipart import MultipartParser
+from werkzeug.http import parse_options_header
+from werkzeug.utils import secure_filename
+
+from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge
+from .storage import _NO_SPACE, Parts, Storage, display, split_path
+
+log = logging.getLogger(__name__)
+
+MAX_FIELD_BYTES = 64 * 1024
+_WRITE_BUFFER = 256 * 1024
+
+
+@dataclass
+class _Part:
+    field_name: str = ""
+    filename: str | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    # a file part
+    folder: Parts = ()
+    name: str = ""
+    staged: Path | None = None
+    writer: Any = None
+    placeholder: bool = False
+    refused: bool = False
+    # a form field
+    value: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class UploadResult:
+    folder_name: str
+    accepted: dict[str, list[str]]
+    errors: dict[str, str]
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"folder_name": self.folder_name, **self.accepted}
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+def is_placeholder(filename: str, field_name: str) -> bool:
+    """4CAT's empty `4CAT_<results>_blank.txt`, sent only so that the results folder exists."""
+    return filename == f"4CAT_{field_name}_blank.txt"
+
+
+class UploadReceiver:
+    def __init__(self, storage: Storage, allowed_extensions: list[str] | None, max_bytes: int, fsync: bool) -> None:
+        self.storage = storage
+        self.allowed = None if allowed_extensions is None else set(allowed_extensions)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.received = 0
+        self.fields: dict[str, str] = {}
+        self.files: list[_Part] = []
+        self.errors: dict[str, str] = {}
+        self._part = _Part()
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+
+    # -- parser callbacks (python-multipart calls these synchronously from write())
+
+    def _on_part_begin(self) -> None:
+        self._part = _Part()
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._part.headers[bytes(self._header_field).lower()] = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _on_headers_finished(self) -> None:
+        part = self._part
+        disposition = part.headers.get(b"content-disposition", b"").decode("latin-1")
+        _, options = parse_options_header(disposition)
+        part.field_name = _utf8(options.get("name", ""))
+        filename = options.get("filename")
+        if filename is None:
+            return
+        part.filename = _utf8(filename)
+        part.folder = split_path(part.field_name, f"field name {part.field_name!r}")
+        if is_placeholder(part.filename, part.field_name):
+            part.placeholder = True
+            return
+        part.name = secure_filename(part.filename)
+        reason = self._refusal(part.filename, part.name)
+        if reason:
+            part.refused = True
+            self.errors[part.filename] = reason
+            return
+        part.staged, fd = self.storage.new_staged_file()
+        part.writer = open(fd, "wb", buffering=_WRITE_BUFFER, closefd=True)  # noqa: SIM115 closed in part end
+
+    def _refusal(self, filename: str, name: str) -> str | None:
+        if not name:
+            return "the file name has no usable characters"
+        if self.allowed is not None:
+            extension = filename.rsplit(".", 1)[1].lower() if "." in filename else ""
+            if extension not in self.allowed:
+                return f"files of type {extension or '(none)'!r} are not allowed on this server"
+        return None
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part.writer is not None:
+            self._write(part, memoryview(data)[start:end])
+        elif part.filename is None:
+            if len(part.value) + end - start > MAX_FIELD_BYTES:
+                raise BadRequest(f"form field {part.field_name!r} is larger than {MAX_FIELD_BYTES} bytes")
+            part.value += data[start:end]
+
+    def _on_part_end(self) -> None:
+        part = self._part
+        if part.filename is None:
+            self.fields[part.field_name] = part.value.decode("utf-8", "replace")
+            return
+        if part.writer is not None:
+            self._close(part)
+        self.files.append(part)
+
+    # -- file handling
+
+    def _write(self, part: _Part, data: memoryview) -> None:
+        try:
+            part.writer.write(data)
+        except OSError as exc:
+            self._disk_error(exc)
+
+    def _close(self, part: _Part) -> None:
+        writer, part.writer = part.writer, None
+        try:
+            writer.flush()
+            if self.fsync:
+                os.fsync(writer.fileno())
+            writer.close()
+        except OSError as exc:
+            writer.close() if not writer.closed else None
+            self._disk_error(exc)
+
+    def _disk_error(self, exc: OSError) -> None:
+        if exc.errno in _NO_SPACE:
+            raise InsufficientStorage("the server's disk is full; the file was not stored") from None
+        raise exc
+
+    def discard(self) -> None:
+        """Remove every staged file of this request: used on any failure."""
+        for part in [*self.files, self._part]:
+            if part.writer is not None:
+                with contextlib.suppress(OSError):
+                    part.writer.close()
+                part.writer = None
+            if part.staged is not None:
+                part.staged.unlink(missing_ok=True)
+                part.staged = None
+
+    # -- the request
+
+    async def receive(self, boundary: bytes, chunks: AsyncIterator[bytes]) -> None:
+        parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": self._on_part_begin,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+            },
+        )
+        async for chunk in chunks:
+            self.received += len(chunk)
+            if self.received > self.max_bytes:
+                raise PayloadTooLarge(f"the upload is larger than this server accepts ({self.max_bytes} bytes)")
+            try:
+                parser.write(chunk)
+            except (BadRequest, InsufficientStorage, OSError):
+                raise
+            except Exception as exc:  # python-multipart's MultipartParseError and friends
+                raise BadRequest(f"the multipart body could not be parsed: {exc}") from None
+        try:
+            parser.finalize()
+        except Exception as exc:
+            raise BadRequest(f"the multipart body could not be parsed: {exc}") from None
+        if self._part.writer is not None:
+            raise BadRequest("the multipart body ended in the middle of a file")
+
+    def place(self) -> UploadResult:
+        """Move every complete file into its collection; returns what 4CAT expects back."""
+        if not self.files:
+            raise BadRequest("no files received; send each file as a multipart file part")
+        folder_name = self.fields.get("folder_name") or uuid.uuid4().hex
+        collection = split_path(folder_name, "folder_name")
+        accepted: dict[str, list[str]] = {}
+        self.storage.ensure_dir(collection)
+        for part in self.files:
+            if part.refused:
+                accepted.setdefault(part.field_name, [])
+                continue
+            target = (*collection, *part.folder)
+            if part.placeholder:
+                self.storage.ensure_dir(target)
+            else:
+                assert part.staged is not None
+                self.storage.place(part.staged, target, part.name)
+                part.staged = None
+            accepted.setdefault(part.field_name, []).append(part.filename or "")
+        if self.errors:
+            log.warning("upload to %s: refused %s", display(collection), self.errors)
+        return UploadResult(folder_name=folder_name, accepted=accepted, errors=self.errors)
+
+
+def _utf8(value: str) -> str:
+    """Header values arrive as latin-1 text; clients send UTF-8 names."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value

@@ -1,0 +1,114 @@
+"""How a job becomes a container, and how a container's end becomes a job's results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config, ServiceConfig
+from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_SERVICE, CapturedLog, ContainerSpec, ContainerState, Mount
+from .model import Job, JobStatus, StopReason
+
+
+def container_name(instance_id: str, job_id: int) -> str:
+    return f"dsm-{instance_id}-{job_id}"
+
+
+def job_argv(job: Job, service: ServiceConfig, server_url: str) -> list[str]:
+    """The service's command, the request's args, and, when asked for, the key to report progress with."""
+    request = job.details_dict().get("request_json") or {}
+    argv = service.argv_prefix() + [str(a) for a in request.get("args") or []]
+    if request.get("pass_key") is True or service.pass_key:
+        argv += ["--database_key", str(job.id), "--dmi_sm_server", server_url]
+    return argv
+
+
+def container_spec(
+    job: Job, config: Config, instance_id: str, server_url: str, gpu_ids: list[str]
+) -> ContainerSpec:
+    assert job.service is not None and job.mode is not None
+    service = config.docker_endpoints[job.service]
+    folder = config.folder_for(job.mode)
+    mounts = [Mount(host=str(folder), container=service.data_path)] if folder else []
+    for volume in service.volumes:
+        host, container, *mode = volume.split(":")
+        mounts.append(Mount(host=host, container=container, read_only=mode == ["ro"]))
+    return ContainerSpec(
+        name=container_name(instance_id, job.id),
+        image=service.image_name,
+        argv=job_argv(job, service, server_url),
+        labels={LABEL_INSTANCE: instance_id, LABEL_JOB: str(job.id), LABEL_SERVICE: job.service},
+        mounts=mounts,
+        network=service.network,
+        user=service.user,
+        environment=dict(service.environment),
+        gpu_ids=gpu_ids,
+        gpu_mode=config.gpu_device_mode,
+        shm_size=service.shm_size,
+        mem_limit=service.mem_limit,
+        cpus=service.cpus,
+    )
+
+
+_STOP_MESSAGES = {
+    StopReason.TIMEOUT: "stopped",
+    StopReason.CANCEL: "cancelled",
+    StopReason.ABANDONED: "cancelled as abandoned",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: JobStatus
+    results: dict[str, Any]
+
+
+def outcome(
+    job: Job,
+    state: ContainerState,
+    stdout: CapturedLog,
+    stderr: CapturedLog,
+    *,
+    docker_outage: bool = False,
+) -> Outcome:
+    """The final status and results of a job whose container has ended.
+
+    4CAT decides success by `returncode` alone, so every error carries a non-zero int, and `error`
+    holds the container's stderr (where 4CAT looks for 'CUDA error: out of memory') after any note of
+    ours saying why the server intervened.
+    """
+    code = state.exit_code if state.exit_code is not None else 1
+    notes = []
+    if job.stop_reason:
+        notes.append(job.stop_detail or f"The job was {_STOP_MESSAGES.get(StopReason(job.stop_reason), 'stopped')}.")
+    elif docker_outage and code != 0:
+        notes.append(
+            f"The Docker daemon restarted or was unreachable while this job ran; its container ended with exit"
+            f" code {code}."
+        )
+    if state.oom_killed:
+        notes.append("The container was killed for using more memory than it may (mem_limit).")
+    if state.error:
+        notes.append(f"Docker reported: {state.error}")
+    failed = code != 0 or bool(job.stop_reason)
+    if failed and not notes and not stderr.text.strip():
+        notes.append(f"The container exited with code {code} and wrote nothing to stderr.")
+    error = "\n".join([*notes, stderr.text]).strip("\n") if notes else stderr.text
+    start, end = state.started_at or job.started_at, state.finished_at
+    results: dict[str, Any] = {
+        "returncode": (code or 1) if failed else 0,
+        "error": error,
+        "report": stdout.text,
+        "start_time": start,
+        "end_time": end,
+        "process_time": (end - start) if start and end else None,
+        "exit_code": state.exit_code,
+        "report_truncated": stdout.truncated,
+        "error_truncated": stderr.truncated,
+    }
+    if stdout.truncated or stderr.truncated:
+        results["truncation_note"] = (
+            f"Only the last part of the container's output is kept (stdout: {stdout.total_bytes} bytes written,"
+            f" stderr: {stderr.total_bytes} bytes written)."
+        )
+    return Outcome(status=JobStatus.ERROR if failed else JobStatus.COMPLETE, results=results)

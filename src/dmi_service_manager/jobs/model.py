@@ -1,0 +1,111 @@
+"""A job, its status, and the transitions between statuses.
+
+4CAT accepts exactly five status words and aborts a job on any other, so the status column only
+ever holds these; what else the engine needs to know (claimed, stopping, why) lives in other fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobStatus(enum.StrEnum):
+    CREATED = "created"
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ERROR = "error"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.COMPLETE, JobStatus.ERROR)
+
+
+FINAL = (JobStatus.COMPLETE.value, JobStatus.ERROR.value)
+
+# Where a job may go from each status; the store refuses anything else.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.CREATED: frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.ERROR}),
+    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.ERROR}),
+    JobStatus.RUNNING: frozenset({JobStatus.COMPLETE, JobStatus.ERROR}),
+    JobStatus.COMPLETE: frozenset(),
+    JobStatus.ERROR: frozenset(),
+}
+
+
+class StopReason(enum.StrEnum):
+    """Why the server stopped a container itself; decides the message the job ends with."""
+
+    TIMEOUT = "timeout"
+    CANCEL = "cancel"
+    ABANDONED = "abandoned"
+
+
+@dataclass
+class Job:
+    id: int
+    created_at: int
+    jobtype: str
+    status: JobStatus
+    completed_at: int | None = None
+    message: str | None = None
+    processed_records: int | None = None
+    details: str = "{}"
+    results: str | None = None
+    # Engine fields, never part of the wire shape 4CAT reads.
+    service: str | None = None
+    mode: str | None = None
+    dataset_key: str | None = None
+    timeout: float | None = None
+    claimed_at: float | None = None
+    started_at: float | None = None
+    container_id: str | None = None
+    gpu_ids: list[str] = field(default_factory=list)
+    gpu_memory: int | None = None
+    stop_reason: str | None = None
+    stop_detail: str | None = None
+    callback_url: str | None = None
+    last_polled_at: float | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The job exactly as 4CAT reads it (`details` and `results` are JSON strings)."""
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "jobtype": self.jobtype,
+            "completed_at": self.completed_at,
+            "status": self.status.value,
+            "message": self.message,
+            "processed_records": self.processed_records,
+            "details": self.details,
+            "results": self.results,
+        }
+
+    def details_dict(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.details or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def results_dict(self) -> dict[str, Any] | None:
+        if self.results is None:
+            return None
+        try:
+            value = json.loads(self.results)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    @property
+    def argv(self) -> list[str]:
+        argv = self.details_dict().get("argv")
+        return list(argv) if isinstance(argv, list) else []
+
+
+def error_results(message: str, *, returncode: int = 1, **extra: Any) -> dict[str, Any]:
+    """Results of a job that ended without a usable container exit: still a non-zero int returncode."""
+    return {"returncode": returncode if returncode else 1, "error": message, "report": "", **extra}

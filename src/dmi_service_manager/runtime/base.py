@@ -1,0 +1,139 @@
+"""The small interface a container backend implements.
+
+The scheduler only ever talks to this; it never names Docker. A backend raises RuntimeUnavailable
+when the engine cannot be reached and StartFailed when a container cannot be made or started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import RuntimeUnavailable
+
+LABEL_INSTANCE = "dmi-service-manager.instance"
+LABEL_JOB = "dmi-service-manager.job"
+LABEL_SERVICE = "dmi-service-manager.service"
+
+
+class StartFailed(Exception):
+    """The container could not be created or started; the message says why, for the job's error."""
+
+
+class ContainerGone(Exception):
+    """The container no longer exists."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    host: str
+    container: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    argv: list[str]
+    labels: dict[str, str]
+    entrypoint: list[str] | None = None
+    mounts: list[Mount] = field(default_factory=list)
+    network: str = "host"
+    user: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    gpu_ids: list[str] = field(default_factory=list)
+    gpu_mode: str = "device_requests"
+    shm_size: int | None = None
+    mem_limit: int | None = None
+    cpus: float | None = None
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str  # created | running | paused | restarting | removing | exited | dead
+    exit_code: int | None
+    started_at: float | None
+    finished_at: float | None
+    image_id: str
+    oom_killed: bool = False
+    error: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "paused", "restarting")
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("exited", "dead")
+
+
+@dataclass(frozen=True)
+class CapturedLog:
+    text: str
+    truncated: bool
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    container_id: str
+    action: str  # die | start | destroy | oom ...
+    labels: dict[str, str]
+
+
+class EventStream(Protocol):
+    """Container events as they happen; close() ends a blocked read from another thread."""
+
+    def __iter__(self) -> Iterator[ContainerEvent]: ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    def ping(self) -> None: ...
+
+    def create(self, spec: ContainerSpec) -> ContainerState: ...
+
+    def start(self, container_id: str, spec: ContainerSpec | None = None) -> None: ...
+
+    def inspect(self, container_id: str) -> ContainerState | None: ...
+
+    def stop(self, container_id: str, grace: float) -> None: ...
+
+    def remove(self, container_id: str) -> None: ...
+
+    def logs(self, container_id: str, stream: str, limit: int) -> CapturedLog: ...
+
+    def follow_logs(self, container_id: str, tail: int | None, follow: bool) -> Iterator[bytes]: ...
+
+    def list(self, labels: dict[str, str]) -> list[ContainerState]: ...
+
+    def events(self, labels: dict[str, str]) -> EventStream: ...
+
+    def image_id(self, image: str) -> str | None: ...
+
+    def gpu_runtime(self) -> str | None: ...
+
+    def run_to_completion(self, spec: ContainerSpec, timeout: float) -> tuple[int, str]: ...
+
+
+__all__ = [
+    "LABEL_INSTANCE",
+    "LABEL_JOB",
+    "LABEL_SERVICE",
+    "CapturedLog",
+    "ContainerEvent",
+    "ContainerGone",
+    "ContainerSpec",
+    "ContainerState",
+    "EventStream",
+    "Mount",
+    "Runtime",
+    "RuntimeUnavailable",
+    "StartFailed",
+]
