@@ -180,7 +180,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.server, Path(args.data))
+    return run_demo(args.server, Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_cancel)
 
     demo = client("demo", "run the OCR demo against a running server and print the text found")
-    demo.add_argument("--data", default="dsm-data/4cat", help="the server's 4CAT_DATASETS_PATH (local mode)")
+    demo.add_argument("--out", default="dsm-data/demo-results", help="where to save the downloaded results")
     demo.set_defaults(func=cmd_demo)
     return parser
 

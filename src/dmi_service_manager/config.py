@@ -25,7 +25,7 @@ GPU_DISABLED_REASON = "GPU not enabled on this instance of DMI Service Manager"
 DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "config.yml"
 ENV_PREFIX = "DSM_"
 # Environment variables with this prefix that are not config keys.
-ENV_RESERVED = {"DSM_CONFIG", "DSM_SUPERVISOR_PID"}
+ENV_RESERVED = {"DSM_CONFIG", "DSM_PORT", "DSM_SUPERVISOR_PID", "DSM_SERVER"}
 
 _SIZE_UNITS = {
     "": 1, "b": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,24 @@ def container_spec(
     )
 
 
+MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argument
+
+
+def argv_too_long(argv: list[str]) -> str:
+    size = sum(len(a.encode()) + 1 for a in argv)
+    return (f"The kernel refused the container's argument list as too long ({len(argv)} arguments, {size} bytes;"
+            f" the limit is about {os.sysconf('SC_ARG_MAX')} bytes, {MAX_ARG_STRLEN} per argument)."
+            " Send fewer files per job.")
+
+
+def check_argv(argv: list[str]) -> str | None:
+    """Why the kernel would refuse to exec this argument list, before a container is made for it."""
+    size = sum(len(a.encode()) + 1 for a in argv)
+    if size > os.sysconf("SC_ARG_MAX") or any(len(a.encode()) >= MAX_ARG_STRLEN for a in argv):
+        return argv_too_long(argv)
+    return None
+
+
 _STOP_MESSAGES = {
     StopReason.TIMEOUT: "stopped",
     StopReason.CANCEL: "cancelled",
@@ -86,6 +105,8 @@ def outcome(
             f"The Docker daemon restarted or was unreachable while this job ran; its container ended with exit"
             f" code {code}."
         )
+    if code != 0 and "argument list too long" in stderr.text[:2000]:
+        notes.append(argv_too_long(job.argv))
     if state.oom_killed:
         notes.append("The container was killed for using more memory than it may (mem_limit).")
     if state.error:

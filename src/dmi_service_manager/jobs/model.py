@@ -102,7 +102,8 @@ class Job:
 
     @property
     def argv(self) -> list[str]:
-        argv = self.details_dict().get("argv")
+        """The exact argument list the container was started with (recorded at start)."""
+        argv = (self.details_dict().get("container") or {}).get("argv")
         return list(argv) if isinstance(argv, list) else []
 
 

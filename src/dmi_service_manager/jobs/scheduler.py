@@ -20,7 +20,7 @@ from ..errors import DsmError, GpuUnavailable, RuntimeUnavailable
 from ..gpu.nvml import GpuInventory
 from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, ContainerState, EventStream, Runtime, StartFailed
 from . import placement
-from .launch import container_spec, outcome
+from .launch import check_argv, container_spec, outcome
 from .model import Job, JobStatus, StopReason, error_results
 from .store import Store
 
@@ -200,6 +200,9 @@ class Scheduler:
         created: ContainerState | None = None
         try:
             spec = container_spec(job, self.config, self.instance_id, self.server_url, gpu_ids)
+            too_long = check_argv(spec.argv)
+            if too_long:
+                raise StartFailed(too_long)
             if gpu_ids and self.config.gpu_device_mode == "device_requests" and not self._has_gpu_runtime():
                 raise StartFailed(
                     "GPU_ENABLED is set but Docker on this server has no GPU runtime (install and configure"

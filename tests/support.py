@@ -1,0 +1,184 @@
+"""Helpers for driving a real server process against the real Docker engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BUSYBOX = "dsm-test-busybox:latest"
+OCR = "dsm-ocr:latest"
+INSTANCE_LABEL = "dmi-service-manager.instance"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or check}; last: {last!r}")
+
+
+def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    (tmp_path / "4cat").mkdir(exist_ok=True)
+    (tmp_path / "uploads").mkdir(exist_ok=True)
+    config: dict[str, Any] = {
+        "DATABASE_FILE": str(tmp_path / "jobs.db"),
+        "4CAT_DATASETS_PATH": str(tmp_path / "4cat"),
+        "UPLOAD_FOLDER_PATH": str(tmp_path / "uploads"),
+        "GPU_ENABLED": False,
+        "STOP_GRACE_SECONDS": 1,
+        "DOCKER_ENDPOINTS": {
+            "fake": {
+                "image_name": BUSYBOX,
+                "local": True,
+                "remote": True,
+                "command": "fake-service",
+                "data_path": "/app/data",
+            },
+        },
+    }
+    config.update(overrides)
+    return config
+
+
+class Server:
+    """`dsm serve` in a subprocess of its own, with its own config, port and database."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None):
+        self.tmp_path = tmp_path
+        self.config = config
+        self.workers = workers
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = tmp_path / "config.yml"
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.instance: str | None = None
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self, wait: bool = True) -> Server:
+        self.write_config()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dmi_service_manager", "serve", "--config", str(self.config_path),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp_path, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        started = time.monotonic()
+
+        def answers() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return requests.get(self.url + "/api/", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, timeout, 0.05, "the server to answer")
+        if self.instance is None:
+            self.instance = requests.get(self.url + "/api/health", timeout=10).json()["instance"]
+        return time.monotonic() - started
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """kill -9 of the server's main process only, as an admin or the OOM killer would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # any worker left behind
+        except ProcessLookupError:
+            pass
+
+    def remove_containers(self, client: docker.DockerClient) -> None:
+        if self.instance is None:
+            return
+        for container in client.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={self.instance}"}):
+            container.remove(force=True)
+
+    # -- HTTP
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=30, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.delete(self.url + path, timeout=30, **kwargs)
+
+    def submit(self, endpoint: str, args: list[str], **body: Any) -> dict[str, Any]:
+        response = self.post(f"/api/{endpoint}", json={"args": args, **body})
+        assert response.status_code == 202, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        response = self.get(f"/api/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()["job"]
+        return job
+
+    def wait_final(self, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
+        job: dict[str, Any] = wait_until(
+            lambda: (j := self.job(job_id))["status"] in ("complete", "error") and j, timeout, 0.1,
+            f"job {job_id} to end",
+        )
+        return job
+
+    def wait_status(self, job_id: int, status: str, timeout: float = 30.0) -> dict[str, Any]:
+        job: dict[str, Any] = wait_until(
+            lambda: (j := self.job(job_id))["status"] == status and j, timeout, 0.05, f"job {job_id} to be {status}"
+        )
+        return job
+
+
+def containers_of(client: docker.DockerClient, instance: str | None, job_id: int | None = None) -> list[Any]:
+    labels = [f"{INSTANCE_LABEL}={instance}"]
+    if job_id is not None:
+        labels.append(f"dmi-service-manager.job={job_id}")
+    return list(client.containers.list(all=True, filters={"label": labels}))
