@@ -1,0 +1,92 @@
+"""IP_WHITELIST and TRUSTED_PROXIES: who may use the server, and whose forwarded headers are believed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dmi_service_manager.access import AccessPolicy
+from support import Server, base_config
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "trusted", "client"), [
+    ("10.0.0.5", None, [], "10.0.0.5"),
+    ("10.0.0.5", "1.2.3.4", [], "10.0.0.5"),  # a header from an untrusted peer is ignored
+    ("127.0.0.1", "1.2.3.4", ["127.0.0.1"], "1.2.3.4"),
+    ("127.0.0.1", "9.9.9.9, 1.2.3.4", ["127.0.0.1"], "1.2.3.4"),  # only one step: 1.2.3.4 is not trusted
+    ("127.0.0.1", "9.9.9.9, 172.17.0.3", ["127.0.0.1", "172.16.0.0/12"], "9.9.9.9"),
+    ("127.0.0.1", "garbage", ["127.0.0.1"], "127.0.0.1"),
+    ("::ffff:127.0.0.1", "5.6.7.8", ["127.0.0.1"], "5.6.7.8"),
+    ("::1", "[2001:db8::1]:443", ["::1"], "2001:db8::1"),
+    ("127.0.0.1", "", ["127.0.0.1"], "127.0.0.1"),
+])
+def test_the_client_is_the_first_untrusted_address_walking_back(peer: str, forwarded: str | None,
+                                                                 trusted: list[str], client: str) -> None:
+    assert AccessPolicy([], trusted).caller(peer, forwarded).address == client
+
+
+def test_whitelist_takes_addresses_and_ranges() -> None:
+    policy = AccessPolicy(["10.0.0.0/8", "::1", "192.168.1.7"], [])
+    assert policy.allows("10.200.3.4", "/api/")
+    assert policy.allows("::1", "/api/")
+    assert policy.allows("192.168.1.7", "/api/")
+    assert not policy.allows("192.168.1.8", "/api/")
+    assert not policy.allows("not an address", "/api/")
+    assert AccessPolicy([], []).allows("203.0.113.9", "/api/")
+
+
+def test_outside_the_whitelist_is_403_json_on_every_route(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"]))
+    for method, path in (("get", "/api/"), ("post", "/api/fake_local"), ("get", "/api/list_filenames/x"),
+                         ("post", "/api/send_files"), ("get", "/api/jobs/1"), ("get", "/jobs/")):
+        response = getattr(server, method)(path)
+        assert response.status_code == 403, path
+        assert response.json()["status"] == "error" and response.json()["reason"]
+
+
+def test_a_spoofed_forwarded_for_does_not_get_past_the_whitelist(make_server: Callable[..., Server],
+                                                                  tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"]))
+    assert server.get("/api/", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_checked(make_server: Callable[..., Server],
+                                                                 tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"], TRUSTED_PROXIES=["127.0.0.1"]))
+    assert server.get("/api/", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
+    assert server.get("/api/", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+    # The left-most entry is the client's own claim; only the entry our proxy appended counts.
+    assert server.get("/api/", headers={"X-Forwarded-For": "10.1.2.3, 203.0.113.9"}).status_code == 403
+    assert server.get("/api/").status_code == 403  # the proxy itself is not on the list
+
+
+def test_containers_on_the_host_may_always_post_progress(make_server: Callable[..., Server],
+                                                          tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"]))
+    assert server.post("/status_update/?key=1&status=running").status_code == 404  # reached the route
+
+
+def test_an_empty_trusted_proxies_list_never_crashes_a_request(make_server: Callable[..., Server],
+                                                               tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, TRUSTED_PROXIES=None, IP_WHITELIST=None))
+    for header in ("1.2.3.4", "", ",,,", "x" * 5000, "::1, 127.0.0.1"):
+        assert server.get("/api/", headers={"X-Forwarded-For": header}).status_code == 200
+
+
+def test_result_url_is_right_behind_a_trusted_reverse_proxy(make_server: Callable[..., Server],
+                                                             tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, TRUSTED_PROXIES=["127.0.0.0/8"]))
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "dsm.example.org", "X-Forwarded-Prefix": "/dsm/",
+               "X-Forwarded-For": "198.51.100.4"}
+    body = server.post("/api/fake_local", json={"args": []}, headers=headers).json()
+    assert body["result_url"] == f"https://dsm.example.org/dsm/api/jobs/{body['key']}"
+
+
+def test_forwarded_url_headers_from_an_untrusted_peer_are_ignored(server: Server) -> None:
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example", "X-Forwarded-Prefix": "/x"}
+    body = server.post("/api/fake_local", json={"args": []}, headers=headers).json()
+    assert body["result_url"] == f"{server.url}/api/jobs/{body['key']}"
+    weird = server.post("/api/fake_local", json={"args": []}, headers={"Host": "a b/c\\d"}).json()
+    assert weird["result_url"] == f"http://127.0.0.1:{server.port}/api/jobs/{weird['key']}"

@@ -1,0 +1,183 @@
+"""Every existing config.yml loads unchanged; a bad one is refused with a message naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmi_service_manager.config import load_config
+from dmi_service_manager.errors import ConfigError
+
+ORIGINAL_EXAMPLE = """\
+# Rename/copy this file as config.yml and edit as necessary
+DATABASE_FILE: database.db
+DMI_SM_SERVER: http://localhost:4000
+SECRET_KEY: secret key # Flask application secret key
+
+TRUSTED_PROXIES: # Be sure to include Docker proxy (e.g., 172.17.0.1 )
+#  - 172.17.0.1
+
+IP_WHITELIST: # Leave blank for access to all
+#  - 172.17.0.1
+
+UPLOAD_FOLDER_PATH: {uploads}
+
+ALLOWED_EXTENSIONS: # extensions allowed to be uploaded
+  - png
+  - jpg
+  - wav
+
+4CAT_DATASETS_PATH: {fourcat}
+
+GPU_ENABLED: False
+WHISPER_GPU: True
+WHISPER_LIVE: False  # Constantly running Whipser container
+
+DOCKER_ENDPOINTS:
+  whisper:
+    image_name: whisper
+    local: True
+    remote: False
+    command: whisper
+    data_path: /app/data/
+  blip2:
+    image_name: blip2
+    local: True
+    remote: True
+    command: python3 blip2.py
+    data_path: /app/data
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "uploads").mkdir(exist_ok=True)
+    (tmp_path / "4cat").mkdir(exist_ok=True)
+    path = tmp_path / "config.yml"
+    path.write_text(text.format(uploads=tmp_path / "uploads", fourcat=tmp_path / "4cat"))
+    return path
+
+
+def dsm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dmi_service_manager", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+def test_the_originals_example_config_loads_unchanged(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={})
+    config = loaded.config
+    assert config.trusted_proxies == [] and config.ip_whitelist == []
+    assert config.allowed_extensions == ["png", "jpg", "wav"]
+    assert config.docker_endpoints["blip2"].argv_prefix() == ["python3", "blip2.py"]
+    assert config.endpoints() == {"whisper_local": ("whisper", "local"), "blip2_local": ("blip2", "local"),
+                                  "blip2_remote": ("blip2", "remote")}
+    assert config.database_file == tmp_path / "database.db"
+    assert any("WHISPER_GPU" in w for w in loaded.warnings)
+    assert any("WHISPER_LIVE" in w for w in loaded.warnings)
+
+
+def test_a_mistyped_key_gets_a_warning_with_the_nearest_known_key(tmp_path: Path) -> None:
+    text = ORIGINAL_EXAMPLE.replace("GPU_ENABLED: False", "GPU_ENABLD: False").replace("image_name: blip2",
+                                                                                       "image_nam: blip2")
+    with pytest.raises(ConfigError, match=r"DOCKER_ENDPOINTS\.blip2\.image_name: required key is missing"):
+        load_config(write(tmp_path, text), env={})
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace("GPU_ENABLED", "GPU_ENABLD")), env={})
+    assert "unknown key GPU_ENABLD (did you mean GPU_ENABLED?); it is ignored" in loaded.warnings
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("GPU_ENABLED: False", "GPU_ENABLED: maybe"), "GPU_ENABLED"),
+    (("local: True\n    remote: False", "local: sometimes\n    remote: False"), "DOCKER_ENDPOINTS.whisper.local"),
+    (("    data_path: /app/data/\n", "    data_path: app/data\n"), "DOCKER_ENDPOINTS.whisper.data_path"),
+    (("  - png", "  - png\nIP_WHITELIST_X: 1\nMAX_CONCURRENT_JOBS: lots"), "MAX_CONCURRENT_JOBS"),
+    (("TRUSTED_PROXIES: #", "TRUSTED_PROXIES: [not-an-ip] #"), "TRUSTED_PROXIES"),
+    (("    command: whisper\n", "    command: whisper 'unclosed\n"), "DOCKER_ENDPOINTS.whisper.command"),
+])
+def test_a_value_of_the_wrong_type_refuses_to_start_naming_the_key(tmp_path: Path, change: tuple[str, str],
+                                                                    message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace(*change)), env={})
+    assert message in caught.value.message
+
+
+def test_a_folder_that_does_not_exist_for_an_enabled_mode_is_refused(tmp_path: Path) -> None:
+    text = ORIGINAL_EXAMPLE.replace("4CAT_DATASETS_PATH: {fourcat}", "4CAT_DATASETS_PATH: /nonexistent/4cat")
+    with pytest.raises(ConfigError, match="4CAT_DATASETS_PATH: the folder /nonexistent/4cat does not exist"):
+        load_config(write(tmp_path, text), env={})
+
+
+def test_a_blank_folder_only_disables_that_mode_with_a_warning(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace("4CAT_DATASETS_PATH: {fourcat}",
+                                                                  "4CAT_DATASETS_PATH:")), env={})
+    assert loaded.config.endpoints() == {"blip2_remote": ("blip2", "remote")}
+    assert any("4CAT_DATASETS_PATH is not set" in w for w in loaded.warnings)
+
+
+def test_dsm_environment_variables_override_keys(tmp_path: Path) -> None:
+    env = {"DSM_GPU_ENABLED": "true", "DSM_IP_WHITELIST": "[10.0.0.0/8, '::1']", "DSM_MAX_UPLOAD_BYTES": "2GiB",
+           "DSM_NO_SUCH_KEY": "1", "DSM_GPU_ENABLE": "true"}
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env=env)
+    assert loaded.config.gpu_enabled is True
+    assert loaded.config.ip_whitelist == ["10.0.0.0/8", "::1"]
+    assert loaded.config.max_upload_bytes == 2 * 1024**3
+    assert any("DSM_NO_SUCH_KEY" in w for w in loaded.warnings)
+    assert any("DSM_GPU_ENABLE names no config key (did you mean GPU_ENABLED?)" in w for w in loaded.warnings)
+
+
+def test_check_config_prints_the_endpoints_and_strict_fails_on_warnings(tmp_path: Path) -> None:
+    path = write(tmp_path, ORIGINAL_EXAMPLE)
+    done = dsm("check-config", str(path), "--offline")
+    assert done.returncode == 0, done.stderr
+    assert "POST /api/whisper_local" in done.stdout and "POST /api/blip2_remote" in done.stdout
+    assert "whisper_remote" not in done.stdout
+    assert "warning: unknown key WHISPER_GPU" in done.stdout
+    strict = dsm("check-config", str(path), "--offline", "--strict")
+    assert strict.returncode == 1
+    clean = yaml.safe_load(path.read_text())
+    del clean["WHISPER_GPU"], clean["WHISPER_LIVE"]
+    path.write_text(yaml.safe_dump(clean))
+    assert dsm("check-config", str(path), "--offline", "--strict").returncode == 0
+
+
+def test_check_config_warns_about_images_that_are_not_in_the_engine(tmp_path: Path, busybox_image: str) -> None:
+    done = dsm("check-config", str(write(tmp_path, ORIGINAL_EXAMPLE)))
+    assert "images not in the Docker engine: whisper (whisper), blip2 (blip2)" in done.stdout
+
+
+def test_serve_refuses_a_bad_config_with_a_message_naming_the_key(tmp_path: Path) -> None:
+    done = dsm("serve", "--config", str(write(tmp_path, ORIGINAL_EXAMPLE.replace("GPU_ENABLED: False",
+                                                                                  "GPU_ENABLED: [1]"))))
+    assert done.returncode == 2
+    assert "config error: GPU_ENABLED" in done.stderr
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    done = dsm("check-config", str(tmp_path / "nope.yml"))
+    assert done.returncode == 2 and "cannot read the config file" in done.stderr
+
+
+def test_without_a_config_the_embedded_default_is_used_and_its_folders_made(tmp_path: Path) -> None:
+    done = dsm("check-config", "--offline", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "embedded default configuration: valid" in done.stdout
+    assert "POST /api/ocr_local" in done.stdout
+    assert (tmp_path / "dsm-data" / "uploads").is_dir() and (tmp_path / "dsm-data" / "4cat").is_dir()
+
+
+def test_config_example_documents_every_key_and_loads(tmp_path: Path) -> None:
+    from dmi_service_manager.config import Config, GpuCardConfig, ServiceConfig
+
+    text = (Path(__file__).resolve().parents[1] / "config.example.yml").read_text()
+    for name, field in Config.model_fields.items():
+        assert f"{field.alias or name}:" in text, field.alias or name
+    for name in ServiceConfig.model_fields:
+        assert f"{name}:" in text, name
+    for name in GpuCardConfig.model_fields:
+        assert f"{name}:" in text, name
+    (tmp_path / "dsm-data" / "4cat").mkdir(parents=True)
+    (tmp_path / "dsm-data" / "uploads").mkdir()
+    (tmp_path / "config.yml").write_text(text)
+    assert load_config(tmp_path / "config.yml", env={}).warnings == []

@@ -1,0 +1,117 @@
+"""`check_gpu_mem` answers exactly as 4CAT's processors expect, and GPU jobs are placed on real cards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from fourcat import FourCat
+from support import BUSYBOX, Server, base_config, wait_until
+
+GIB = 1024**3
+DISABLED = {"reason": "GPU not enabled on this instance of DMI Service Manager"}
+
+
+def gpu_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    config = base_config(tmp_path, GPU_ENABLED=True, GPU_INVENTORY=[{"id": 0, "memory": "16GiB"},
+                                                                     {"id": 1, "memory": "24GiB"}])
+    config["DOCKER_ENDPOINTS"].update({
+        "whisper": {"image_name": BUSYBOX, "local": True, "command": "fake-service", "data_path": "/app/data",
+                    "gpu_memory": "10GiB"},
+        "huge": {"image_name": BUSYBOX, "local": True, "command": "fake-service", "data_path": "/app/data",
+                 "gpu_memory": "40GiB"},
+        "cpuonly": {"image_name": BUSYBOX, "local": True, "command": "fake-service", "data_path": "/app/data",
+                    "gpu": False},
+    })
+    config.update(overrides)
+    return config
+
+
+def test_gpu_disabled_answers_4cats_exact_sentence(server: Server) -> None:
+    response = server.get("/api/check_gpu_mem/fake")
+    assert response.status_code == 400
+    assert response.json() == DISABLED
+
+
+def test_unknown_service_is_404_service_not_found(server: Server) -> None:
+    response = server.get("/api/check_gpu_mem/fake_local")  # the endpoint, not the service name
+    assert response.status_code == 404 and response.json() == {"reason": "Service not found"}
+
+
+def test_a_service_with_gpu_false_answers_the_disabled_sentence(make_server: Callable[..., Server],
+                                                                tmp_path: Path) -> None:
+    server = make_server(gpu_config(tmp_path))
+    status, body = FourCat(server.url).check_gpu_memory("cpuonly")
+    assert (status, body) == (400, DISABLED)
+
+
+def test_a_declared_inventory_gives_real_figures_for_the_best_card(make_server: Callable[..., Server],
+                                                                    tmp_path: Path) -> None:
+    server = make_server(gpu_config(tmp_path))
+    status, body = FourCat(server.url).check_gpu_memory("whisper")
+    assert status == 200 and body["reason"] == "GPU available"
+    assert body["memory"]["gpu_total_mem"] == 24 * GIB
+    assert body["memory"]["gpu_free_mem"] == 24 * GIB
+    assert [card["id"] for card in body["memory"]["gpus"]] == ["0", "1"]
+
+
+def test_503_only_for_a_service_that_could_never_fit(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = make_server(gpu_config(tmp_path))
+    response = server.get("/api/check_gpu_mem/huge")
+    assert response.status_code == 503
+    assert "40.0 GiB" in response.json()["reason"] and response.json()["memory"]["gpu_total_mem"] == 24 * GIB
+    refused = server.post("/api/huge_local", json={"args": []})
+    assert refused.status_code == 503 and "largest card has 24.0 GiB" in refused.json()["reason"]
+
+
+def test_without_nvml_or_a_gpu_runtime_the_check_says_why(make_server: Callable[..., Server],
+                                                          tmp_path: Path) -> None:
+    server = make_server(gpu_config(tmp_path, GPU_INVENTORY=None))
+    response = server.get("/api/check_gpu_mem/whisper")
+    assert response.status_code == 500
+    reason = response.json()["reason"]
+    assert "NVML is not available" in reason and "nvidia-smi" in reason
+
+
+def test_gpu_jobs_fail_with_the_reason_when_docker_has_no_gpu_runtime(make_server: Callable[..., Server],
+                                                                       tmp_path: Path) -> None:
+    server = make_server(gpu_config(tmp_path))
+    assert "no GPU runtime" in server.log()  # the start-up warning
+    job = server.wait_final(server.submit("whisper_local", [])["key"])
+    assert job["status"] == "error"
+    assert "no GPU runtime" in json.loads(job["results"])["error"]
+    assert server.wait_final(server.submit("cpuonly_local", [])["key"])["status"] == "complete"
+
+
+def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
+    make_server: Callable[..., Server], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    # GPU_DEVICE_MODE environment: cards are named in NVIDIA_VISIBLE_DEVICES, so containers start here.
+    server = make_server(gpu_config(tmp_path, GPU_DEVICE_MODE="environment", MAX_CONCURRENT_JOBS=10))
+    keys = [server.submit("whisper_local", ["--sleep", "2"])["key"] for _ in range(5)]
+
+    def placement() -> dict[int, str]:
+        found = {}
+        for key in keys:
+            job = server.job(key)
+            if job["status"] == "running":
+                found[key] = json.loads(job["details"])["container"]["gpu_ids"]
+        return found
+
+    first = wait_until(lambda: len(p := placement()) == 3 and p, 20)
+    per_card: dict[str, int] = {}
+    for ids in first.values():
+        for gpu in ids:
+            per_card[gpu] = per_card.get(gpu, 0) + 10
+    assert per_card == {"0": 10, "1": 20}  # 16 GiB holds one 10 GiB job, 24 GiB holds two
+    waiting = [server.job(k) for k in keys if k not in first]
+    assert all(j["status"] == "pending" and "Waiting in line" in j["message"] for j in waiting)
+    some = next(iter(first))
+    container = docker_client.containers.get(json.loads(server.job(some)["details"])["container"]["name"])
+    assert f"NVIDIA_VISIBLE_DEVICES={first[some][0]}" in container.attrs["Config"]["Env"]
+    for key in keys:
+        assert server.wait_final(key, 30)["status"] == "complete"
