@@ -1,0 +1,226 @@
+"""Jobs survive kill -9 of the server and restarts of Docker; cancels stop the container itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+
+from dmi_service_manager.runtime.docker import DockerRuntime
+from dmi_service_manager.runtime.images import build_service
+from support import BUSYBOX, ROOT, Server, base_config, containers_of, wait_until
+
+
+def test_a_job_survives_a_server_kill_and_is_adopted(make_server: Callable[..., Server]) -> None:
+    server = make_server()
+    key = server.submit("fake_local", ["--sleep", "3", "--stdout", "adopted", "--exit", "0"])["key"]
+    server.wait_status(key, "running")
+    server.kill()
+    server.start(wait=False)
+    assert server.wait_ready() < 5  # answers within seconds: 4CAT aborts on its fourth failed poll
+    job = server.wait_final(key, 30)
+    assert job["status"] == "complete"
+    assert "adopted" in json.loads(job["results"])["report"]
+
+
+def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code(
+    make_server: Callable[..., Server], docker_client: docker.DockerClient
+) -> None:
+    server = make_server()
+    key = server.submit("fake_local", ["--sleep", "1", "--stderr", "failed while you were away", "--exit", "7"])["key"]
+    server.wait_status(key, "running")
+    server.kill()
+    container = containers_of(docker_client, server.instance, key)[0]
+    wait_until(lambda: container.reload() or container.status == "exited", 20)
+    server.start()
+    job = server.wait_final(key, 30)
+    results = json.loads(job["results"])
+    assert job["status"] == "error" and results["returncode"] == 7
+    assert "failed while you were away" in results["error"]
+    wait_until(lambda: containers_of(docker_client, server.instance, key) == [], 10, what="the container removed")
+
+
+def test_a_job_whose_container_vanished_ends_in_error_saying_so(
+    make_server: Callable[..., Server], docker_client: docker.DockerClient
+) -> None:
+    server = make_server()
+    key = server.submit("fake_local", ["--sleep", "60"])["key"]
+    server.wait_status(key, "running")
+    server.kill()
+    for container in containers_of(docker_client, server.instance, key):
+        container.remove(force=True)
+    server.start()
+    job = server.wait_final(key, 30)
+    assert job["status"] == "error" and "vanished" in json.loads(job["results"])["error"]
+
+
+def test_pending_jobs_wait_durably_and_start_after_a_restart(make_server: Callable[..., Server],
+                                                             tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
+    first = server.submit("fake_local", ["--sleep", "2"])["key"]
+    queued = [server.submit("fake_local", ["--stdout", f"job {i}"])["key"] for i in range(3)]
+    server.wait_status(first, "running")
+    waiting = server.job(queued[1])
+    assert waiting["status"] == "pending"
+    assert wait_until(lambda: (server.job(queued[1])["message"] or "").startswith("Waiting in line: 2 of 3"), 10)
+    server.kill()
+    server.start()
+    for key in [first, *queued]:
+        assert server.wait_final(key, 40)["status"] == "complete"
+    assert all(server.job(k)["message"] is None for k in queued)  # our note goes when the job runs
+
+
+def test_cancel_a_pending_job_and_a_running_one(make_server: Callable[..., Server], tmp_path: Path,
+                                                docker_client: docker.DockerClient) -> None:
+    server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
+    running = server.submit("fake_local", ["--sleep", "120"])["key"]
+    pending = server.submit("fake_local", [])["key"]
+    server.wait_status(running, "running")
+
+    cancelled = server.delete(f"/api/jobs/{pending}", params={"by": "a researcher"})
+    assert cancelled.status_code == 200 and cancelled.json()["job"]["status"] == "error"
+    results = json.loads(cancelled.json()["job"]["results"])
+    assert "Cancelled by a researcher (127.0.0.1)" in results["error"] and results["returncode"] != 0
+
+    assert server.delete(f"/api/jobs/{running}").status_code == 202
+    job = server.wait_final(running, 20)
+    assert job["status"] == "error" and "Cancelled by 127.0.0.1" in json.loads(job["results"])["error"]
+    assert containers_of(docker_client, server.instance, running) == []
+    again = server.delete(f"/api/jobs/{running}")
+    assert again.status_code == 200 and again.json()["job"]["status"] == "error"
+    assert server.delete("/api/jobs/999999").status_code == 404
+
+
+def test_logs_can_be_followed_while_the_job_runs(server: Server) -> None:
+    key = server.submit("fake_local", ["--progress", "3", "--stdout", "hello from the container"],
+                        pass_key=True)["key"]
+    server.wait_status(key, "running")
+    with requests.get(f"{server.url}/api/jobs/{key}/logs", params={"follow": "1"}, stream=True, timeout=30) as r:
+        text = b"".join(r.iter_content(None)).decode()
+    assert "hello from the container" in text and f"job {key} ended: complete" in text
+    tail = server.get(f"/api/jobs/{key}/logs", params={"tail": "1"}).text
+    assert len(tail.splitlines()) == 1
+    assert server.get(f"/api/jobs/{key}/logs", params={"tail": "x"}).status_code == 400
+
+
+def test_four_workers_serve_every_route_and_start_each_job_exactly_once(
+    make_server: Callable[..., Server], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=6), workers=4)
+    starts: dict[str, int] = {}
+    stop = threading.Event()
+    since = int(time.time()) - 1
+
+    def count_starts() -> None:
+        events = docker_client.events(decode=True, since=since, filters={
+            "type": "container", "event": "start", "label": f"dmi-service-manager.instance={server.instance}"})
+        for event in events:
+            job = event["Actor"]["Attributes"]["dmi-service-manager.job"]
+            starts[job] = starts.get(job, 0) + 1
+            if stop.is_set():
+                break
+
+    watcher = threading.Thread(target=count_starts, daemon=True)
+    watcher.start()
+    keys = []
+    for _ in range(24):
+        response = requests.post(f"{server.url}/api/fake_local", json={"args": ["--sleep", "0.2"]}, timeout=30,
+                                 headers={"Connection": "close"})
+        keys.append(response.json()["key"])
+    for key in keys:
+        assert server.wait_final(key, 60)["status"] == "complete"
+    pids = {requests.get(f"{server.url}/api/health", headers={"Connection": "close"}, timeout=10).json()["scheduler"]["pid"]
+            for _ in range(10)}
+    assert len(pids) == 1  # one scheduler, whichever worker answers
+    stop.set()
+    server.submit("fake_local", [])  # one more event wakes the watcher so that it can stop
+    watcher.join(10)
+    assert {int(k): v for k, v in starts.items() if int(k) in keys} == {k: 1 for k in keys}
+
+
+def test_kill_9_of_the_parent_leaves_no_worker_holding_the_port(make_server: Callable[..., Server],
+                                                                tmp_path: Path) -> None:
+    server = make_server(workers=4)
+    server.kill()
+    wait_until(lambda: _port_free(server.port), 10, what="the workers to die with their parent")
+    server.start()  # binds the same port right away
+    assert server.get("/api/").status_code == 200
+
+
+def _port_free(port: int) -> bool:
+    try:
+        requests.get(f"http://127.0.0.1:{port}/api/", timeout=1)
+    except requests.ConnectionError:
+        return True
+    return False
+
+
+# -- a Docker daemon restart, on a private dockerd of the test's own
+
+
+@pytest.fixture
+def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Callable[[], None]]]:
+    if not shutil.which("dockerd") or os.geteuid() != 0:
+        pytest.skip("needs root and dockerd to start a private Docker daemon")
+    folder = tmp_path_factory.mktemp("dockerd", numbered=True)
+    short = Path("/tmp") / f"dsm-dockerd-{os.getpid()}-{folder.name}"  # unix sockets want short paths
+    short.mkdir()
+    socket = short / "docker.sock"
+    args = ["dockerd", "--host", f"unix://{socket}", "--data-root", str(folder / "data"), "--exec-root",
+            str(short / "exec"), "--pidfile", str(short / "docker.pid"), "--bridge", "none", "--iptables=false",
+            "--ip6tables=false", "--ip-masq=false"]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        log = (folder / "dockerd.log").open("ab")
+        processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_until(lambda: _pings(f"unix://{socket}"), 60, 0.2, "the private dockerd")
+
+    def restart() -> None:
+        processes[-1].send_signal(signal.SIGTERM)
+        processes[-1].wait(60)
+        start()
+
+    start()
+    build_service(str(ROOT / "tests" / "images" / "busybox"), tag=BUSYBOX, log=lambda _: None,
+                  runtime=DockerRuntime(f"unix://{socket}"))
+    yield f"unix://{socket}", restart
+    client = docker.DockerClient(base_url=f"unix://{socket}")
+    for container in client.containers.list(all=True):
+        container.remove(force=True)
+    processes[-1].send_signal(signal.SIGTERM)
+    processes[-1].wait(60)
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(docker.DockerClient(base_url=url, timeout=2).ping())
+    except Exception:
+        return False
+
+
+def test_a_docker_daemon_restart_ends_affected_jobs_and_the_server_reconnects(
+    make_server: Callable[..., Server], tmp_path: Path, private_dockerd: tuple[str, Callable[[], None]]
+) -> None:
+    url, restart_docker = private_dockerd
+    server = make_server(base_config(tmp_path, DOCKER_HOST=url))
+    key = server.submit("fake_local", ["--sleep", "300"])["key"]
+    server.wait_status(key, "running")
+    restart_docker()
+    job = server.wait_final(key, 60)
+    results = json.loads(job["results"])
+    assert job["status"] == "error" and results["returncode"] != 0
+    assert "Docker daemon restarted" in results["error"]
+    after = server.wait_final(server.submit("fake_local", ["--stdout", "back"])["key"], 60)
+    assert after["status"] == "complete"  # reconnected on its own
