@@ -1,0 +1,323 @@
+"""The file routes: nothing outside UPLOAD_FOLDER_PATH is ever touched, and uploads are never partial."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from werkzeug.utils import secure_filename
+
+from fourcat import FourCat
+from support import Server, base_config, wait_until
+
+SECRET = "top secret outside the upload folder"
+
+
+def raw_request(server: Server, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Send the path exactly as written: no client-side normalisation of dots or slashes."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest(method, path, skip_accept_encoding=True)
+    for name, value in (headers or {}).items():
+        connection.putheader(name, value)
+    if body:
+        connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body or None)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, data
+
+
+def snapshot(folder: Path, skip: Path) -> dict[str, str]:
+    """Every path below `folder` outside `skip`, with a digest of what it holds."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if skip in path.parents or path == skip or "server-" in path.name:
+            continue
+        if path.is_symlink():
+            found[str(path)] = "link:" + os.readlink(path)
+        elif path.is_file():
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[str(path)] = "dir"
+    return found
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """An upload folder with a collection, a secret beside it, and symlinks planted inside pointing out."""
+    uploads = tmp_path / "uploads"
+    (tmp_path / "outside.txt").write_text(SECRET)
+    (tmp_path / "outside-dir").mkdir()
+    (tmp_path / "outside-dir" / "secret.txt").write_text(SECRET)
+    (uploads / "c1" / "sub").mkdir(parents=True)
+    (uploads / "c1" / "sub" / "ok.txt").write_text("fine\n")
+    (uploads / "c1" / "link-file").symlink_to(tmp_path / "outside.txt")
+    (uploads / "link-out").symlink_to(tmp_path / "outside-dir")
+    (uploads / "c1" / "link-dir").symlink_to(tmp_path / "outside-dir")
+    return tmp_path
+
+
+HOSTILE_PATHS = [
+    "../outside.txt", "..%2Foutside.txt", "%2e%2e/outside.txt", "%2e%2e%2foutside.txt", "....//outside.txt",
+    "/etc/passwd", "%2Fetc%2Fpasswd", "c1/../../outside.txt", "c1/..%5c..%5coutside.txt", "c1\\..\\..\\outside.txt",
+    "c1/%00/x", "c1/x%00.txt", "c1//sub/ok.txt", "c1/./sub/ok.txt", ".dsm-staging/1/x", "link-out/secret.txt",
+    "c1/link-file", "c1/link-dir/secret.txt", "%252e%252e/outside.txt", "c1/..", "..", ".", "c1/%2e%2e/%2e%2e/outside.txt",
+    "c1/sub/../../../outside.txt", "c1%2f..%2f..%2foutside.txt", "a" * 5000, "c1/sub/ok.txt/..", "..;/outside.txt",
+    "%c0%ae%c0%ae/outside.txt", "c1/sub/%0aok.txt",
+]
+
+
+def test_hostile_paths_on_every_read_route_touch_nothing_outside(make_server: Callable[..., Server],
+                                                                 planted: Path) -> None:
+    server = make_server(base_config(planted))
+    before = snapshot(planted, planted / "uploads")
+    routes = ["/api/list_filenames/{}", "/api/download/{}", "/api/uploads/{}", "/api/list_files?folder_name={}",
+              "/api/linecount/?folder={}&file=x", "/api/linecount/?folder=c1&file={}"]
+    checked = 0
+    for hostile in HOSTILE_PATHS:
+        for route in routes:
+            status, body = raw_request(server, "GET", route.format(hostile))
+            assert status in (400, 404), (route.format(hostile), status, body[:200])
+            assert SECRET.encode() not in body and b"root:x:0:0" not in body
+            assert json.loads(body)["reason"]
+            checked += 1
+        status, body = raw_request(server, "DELETE", f"/api/files/{hostile}")
+        assert status in (400, 404, 405), (hostile, status)
+    assert checked >= 30 * 6
+    assert snapshot(planted, planted / "uploads") == before
+    assert (planted / "uploads" / "c1" / "link-file").is_symlink()  # nothing deleted either
+
+
+HOSTILE_UPLOADS = [
+    # (folder_name, field name, file name): each must stay inside the upload folder or be refused
+    ("../escape", "4cat_uploads", "a.txt"), ("/tmp/escape", "4cat_uploads", "a.txt"), ("c1/../../escape", "x", "a.txt"),
+    ("..", "x", "a.txt"), (".", "x", "a.txt"), ("c1\\..\\escape", "x", "a.txt"), ("c1", "../../escape", "a.txt"),
+    ("c1", "/abs", "a.txt"), ("c1", "a/../../..", "a.txt"), ("c1", "", "a.txt"), ("c1", "..", "a.txt"),
+    ("c1", "link-dir", "pwned.txt"), ("link-out", "x", "pwned.txt"), (".dsm-staging", "x", "a.txt"),
+    ("c1", "x", "../../escape.txt"), ("c1", "x", "/etc/passwd"), ("c1", "x", "..\\..\\escape.txt"),
+    ("c1", "x", "\x00.txt"), ("c1", "x", "...."), ("c1\x00", "x", "a.txt"), ("c1//d", "x", "a.txt"),
+]
+
+
+@pytest.mark.parametrize(("folder", "field", "name"), HOSTILE_UPLOADS)
+def test_hostile_uploads_stay_inside_or_are_refused(make_server: Callable[..., Server], planted: Path,
+                                                    folder: str, field: str, name: str) -> None:
+    server = make_server(base_config(planted))
+    before = snapshot(planted, planted / "uploads")
+    response = server.post("/api/send_files", data={"folder_name": folder}, files=[(field, (name, b"payload"))])
+    assert response.status_code in (200, 400, 404, 409), response.text
+    if response.status_code != 200:
+        assert response.json()["reason"]
+    assert response.status_code != 405
+    assert snapshot(planted, planted / "uploads") == before
+    assert (planted / "outside-dir" / "pwned.txt").exists() is False
+    for path in (planted / "uploads").rglob("*"):
+        assert not path.is_symlink() or path.name in ("link-file", "link-out", "link-dir")
+        assert planted / "uploads" in path.resolve().parents or path.is_symlink()
+
+
+def test_names_are_sanitised_exactly_as_werkzeug_does(server: Server, tmp_path: Path) -> None:
+    names = ["my file (1).WAV", "naïve café.jpg", "../../x.png", "Ωmega.png", "  spaced  out .txt", "a\"b.txt",
+             "C:\\Users\\me\\pic.png", "x.tar.gz"]
+    for name in names:
+        response = server.post("/api/send_files", data={"folder_name": "names"},
+                               files=[("4cat_uploads", (name, name.encode()))])
+        assert response.status_code == 200
+        if "\\" not in name:  # requests sends backslashes unescaped; the original's werkzeug drops them too
+            assert response.json()["4cat_uploads"] == [name]
+    stored = sorted(p.name for p in (tmp_path / "uploads" / "names" / "4cat_uploads").iterdir())
+    assert stored == sorted(secure_filename(n) for n in names)
+
+
+def test_refused_extensions_are_listed_as_errors_with_status_200(make_server: Callable[..., Server],
+                                                                 tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, ALLOWED_EXTENSIONS=["wav", "png"]))
+    response = server.post("/api/send_files", data={"folder_name": "ext"},
+                           files=[("4cat_uploads", ("ok.WAV", b"1")), ("4cat_uploads", ("bad.exe", b"2")),
+                                  ("4cat_uploads", ("noext", b"3"))])
+    assert response.status_code == 200
+    body = response.json()
+    assert body["4cat_uploads"] == ["ok.WAV"]
+    assert set(body["errors"]) == {"bad.exe", "noext"}
+    assert sorted(os.listdir(tmp_path / "uploads" / "ext" / "4cat_uploads")) == ["ok.WAV"]
+    # The results placeholder is honoured even though txt is not an allowed extension.
+    placeholder = server.post("/api/send_files", data={"folder_name": "ext"},
+                              files=[("res", ("4CAT_res_blank.txt", b""))])
+    assert placeholder.status_code == 200 and placeholder.json()["res"] == ["4CAT_res_blank.txt"]
+    assert FourCat(server.url).folder_files("ext") == {".": [], "4cat_uploads": ["ok.WAV"], "res": []}
+
+
+def test_without_a_folder_name_the_server_picks_a_fresh_one(server: Server, tmp_path: Path) -> None:
+    response = server.post("/api/send_files", files=[("x", ("a.txt", b"1"))])
+    folder = response.json()["folder_name"]
+    assert response.status_code == 200 and len(folder) == 32
+    assert (tmp_path / "uploads" / folder / "x" / "a.txt").read_bytes() == b"1"
+
+
+def test_bad_upload_requests_are_clear_400s_never_405(server: Server) -> None:
+    assert server.post("/api/send_files", data={"folder_name": "x"}).status_code == 400
+    assert server.post("/api/send_files", data=b"raw", headers={"Content-Type": "text/plain"}).status_code == 400
+    truncated = (b"--b\r\nContent-Disposition: form-data; name=\"x\"; filename=\"a.txt\"\r\n\r\nhalf a file")
+    response = server.post("/api/send_files", data=truncated, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400 and response.json()["reason"]
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing(server: Server, tmp_path: Path) -> None:
+    body_head = (b"--XyZ\r\nContent-Disposition: form-data; name=\"folder_name\"\r\n\r\ncut\r\n"
+                 b"--XyZ\r\nContent-Disposition: form-data; name=\"4cat_uploads\"; filename=\"big.wav\"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /api/send_files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+                     b"Content-Length: 10000000\r\n\r\n" + body_head + b"z" * 3_000_000)
+        time.sleep(0.3)
+    staging = tmp_path / "uploads" / ".dsm-staging"
+    wait_until(lambda: not any(p.is_file() for p in staging.rglob("*")), 10, what="staging to be emptied")
+    assert not (tmp_path / "uploads" / "cut" / "4cat_uploads" / "big.wav").exists()
+    assert server.get("/api/list_filenames/cut").status_code == 404
+
+
+def test_concurrent_uploads_of_one_name_leave_one_whole_file(server: Server, tmp_path: Path) -> None:
+    contents = [bytes([65 + i]) * 200_000 for i in range(8)]
+
+    def upload(data: bytes) -> None:
+        response = server.post("/api/send_files", data={"folder_name": "race"},
+                               files=[("4cat_uploads", ("same.bin", data))])
+        assert response.status_code == 200
+
+    threads = [threading.Thread(target=upload, args=(data,)) for data in contents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (tmp_path / "uploads" / "race" / "4cat_uploads" / "same.bin").read_bytes() in contents
+    assert os.listdir(tmp_path / "uploads" / "race" / "4cat_uploads") == ["same.bin"]
+
+
+def test_an_upload_over_the_limit_is_413_and_nothing_is_kept(make_server: Callable[..., Server],
+                                                             tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, MAX_UPLOAD_BYTES=10_000))
+    response = server.post("/api/send_files", data={"folder_name": "big"}, files=[("x", ("a.bin", b"0" * 50_000))])
+    assert response.status_code == 413 and response.json()["reason"]
+    assert not (tmp_path / "uploads" / "big" / "x" / "a.bin").exists()
+    assert "upload refused" in server.log()
+
+
+def test_a_full_disk_is_507_with_nothing_half_written(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    uploads = tmp_path / "small-disk"
+    uploads.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(uploads)], check=False).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        server = make_server(base_config(tmp_path, UPLOAD_FOLDER_PATH=str(uploads)))
+        response = server.post("/api/send_files", data={"folder_name": "full"},
+                               files=[("x", ("huge.bin", b"0" * 3_000_000))])
+        assert response.status_code == 507 and "disk is full" in response.json()["reason"]
+        assert not (uploads / "full" / "x" / "huge.bin").exists()
+        assert not any(p.is_file() for p in (uploads / ".dsm-staging").rglob("*"))
+        assert "upload refused" in server.log() and "full" in server.log()
+        small = server.post("/api/send_files", data={"folder_name": "full"}, files=[("x", ("small.txt", b"ok"))])
+        assert small.status_code == 200 and (uploads / "full" / "x" / "small.txt").read_bytes() == b"ok"
+    finally:
+        subprocess.run(["umount", "-l", str(uploads)], check=False)
+
+
+def test_downloads_stream_with_length_etag_and_ranges(server: Server, tmp_path: Path) -> None:
+    folder = tmp_path / "uploads" / "dl" / "results"
+    folder.mkdir(parents=True)
+    data = bytes(range(256)) * 4000
+    (folder / "out.json").write_bytes(data)
+    whole = server.get("/api/download/dl/results/out.json")
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["Content-Length"] == str(len(data)) and whole.headers["Content-Type"] == "application/json"
+    assert whole.headers["Accept-Ranges"] == "bytes" and whole.headers["Last-Modified"]
+    etag = whole.headers["ETag"]
+    assert server.get("/api/uploads/dl/results/out.json").content == data  # the README's alias
+
+    part = server.get("/api/download/dl/results/out.json", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    assert server.get("/api/download/dl/results/out.json", headers={"Range": "bytes=1000-"}).content == data[1000:]
+    assert server.get("/api/download/dl/results/out.json", headers={"Range": "bytes=-10"}).content == data[-10:]
+    stale = server.get("/api/download/dl/results/out.json", headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+    assert stale.status_code == 200 and stale.content == data
+    beyond = server.get("/api/download/dl/results/out.json", headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.status_code == 416 and beyond.json()["reason"]
+    assert server.get("/api/download/dl/results/out.json", headers={"If-None-Match": etag}).status_code == 304
+    assert server.get("/api/download/dl/results/missing.json").status_code == 404
+    assert server.get("/api/download/dl/results").status_code == 404  # a folder is not a file
+
+
+def test_list_filenames_lists_nested_and_empty_folders(server: Server, tmp_path: Path) -> None:
+    root = tmp_path / "uploads" / "nest"
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "top.txt").write_text("1")
+    (root / "a" / "b" / "deep.txt").write_text("2")
+    listing = server.get("/api/list_filenames/nest").json()
+    assert listing == {".": ["top.txt"], "a": [], "a/b": ["deep.txt"], "a/b/c": [], "empty": []}
+    assert server.get("/api/list_files", params={"folder_name": "nest"}).json() == listing
+    assert server.get("/api/list_filenames/nest/a").json() == {".": [], "b": ["deep.txt"], "b/c": []}
+    assert server.get("/api/list_filenames/absent").status_code == 404
+
+
+def test_linecount_counts_lines_and_follows_a_growing_file(server: Server, tmp_path: Path) -> None:
+    folder = tmp_path / "uploads" / "lc" / "res"
+    folder.mkdir(parents=True)
+    path = folder / "out.ndjson"
+    path.write_text("a\nb\nc")
+    assert server.get("/api/linecount/", params={"folder": "lc/res", "file": "out.ndjson"}).json() == {"lines": 3}
+    with path.open("a") as handle:
+        handle.write("\nd\n")
+    assert server.get("/api/linecount/", params={"folder": "lc/res", "file": "out.ndjson"}).json() == {"lines": 4}
+    path.write_text("")
+    assert server.get("/api/linecount/", params={"folder": "lc/res", "file": "out.ndjson"}).json() == {"lines": 0}
+    missing = server.get("/api/linecount/", params={"folder": "lc/res", "file": "nope"})
+    assert missing.status_code == 404 and missing.json()["reason"]
+    assert server.get("/api/linecount/", params={"folder": "lc"}).status_code == 400
+
+
+def test_delete_a_collection_unless_a_job_uses_it(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "uploads" / "busy" / "4cat_uploads").mkdir(parents=True)
+    (tmp_path / "uploads" / "idle" / "x").mkdir(parents=True)
+    key = server.submit("fake_remote", ["--sleep", "30", "data/busy/4cat_uploads/a.wav"])["key"]
+    server.wait_status(key, "running")
+    refused = server.delete("/api/files/busy")
+    assert refused.status_code == 409 and "used by a job" in refused.json()["reason"]
+    assert server.delete("/api/files/idle").status_code == 200
+    assert not (tmp_path / "uploads" / "idle").exists() and (tmp_path / "uploads" / "busy").exists()
+    assert server.delete("/api/files/idle").status_code == 404
+    server.delete(f"/api/jobs/{key}")
+    server.wait_final(key)
+    assert server.delete("/api/files/busy").status_code == 200
+
+
+def test_retention_removes_only_old_collections_no_job_uses(make_server: Callable[..., Server],
+                                                            tmp_path: Path) -> None:
+    uploads = tmp_path / "uploads"
+    for name in ("old", "fresh", "old-but-used"):
+        (uploads / name / "4cat_uploads").mkdir(parents=True)
+        (uploads / name / "4cat_uploads" / "f.wav").write_text("x")
+    long_ago = time.time() - 10 * 86400
+    for name in ("old", "old-but-used"):
+        for path in [uploads / name, *(uploads / name).rglob("*")]:
+            os.utime(path, (long_ago, long_ago))
+    server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
+    blocker = server.submit("fake_local", ["--sleep", "30"])["key"]
+    server.submit("fake_remote", ["data/old-but-used/4cat_uploads/f.wav"])  # waits behind the blocker
+    server.stop()
+    server.config["RETENTION_DAYS"] = 7
+    server.start()  # the sweep runs when the scheduler starts, then hourly
+    wait_until(lambda: not (uploads / "old").exists(), 15, what="the old collection to be removed")
+    assert (uploads / "fresh").exists() and (uploads / "old-but-used").exists()
+    assert "retention: removed collection old" in server.log()
+    server.delete(f"/api/jobs/{blocker}")
