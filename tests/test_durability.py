@@ -139,8 +139,9 @@ def test_four_workers_serve_every_route_and_start_each_job_exactly_once(
         keys.append(response.json()["key"])
     for key in keys:
         assert server.wait_final(key, 60)["status"] == "complete"
-    pids = {requests.get(f"{server.url}/api/health", headers={"Connection": "close"}, timeout=10).json()["scheduler"]["pid"]
-            for _ in range(10)}
+    health = [requests.get(f"{server.url}/api/health", headers={"Connection": "close"}, timeout=10).json()
+              for _ in range(10)]
+    pids = {answer["scheduler"]["pid"] for answer in health}
     assert len(pids) == 1  # one scheduler, whichever worker answers
     stop.set()
     server.submit("fake_local", [])  # one more event wakes the watcher so that it can stop
@@ -176,9 +177,11 @@ def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     short = Path("/tmp") / f"dsm-dockerd-{os.getpid()}-{folder.name}"  # unix sockets want short paths
     short.mkdir()
     socket = short / "docker.sock"
-    args = ["dockerd", "--host", f"unix://{socket}", "--data-root", str(folder / "data"), "--exec-root",
-            str(short / "exec"), "--pidfile", str(short / "docker.pid"), "--bridge", "none", "--iptables=false",
-            "--ip6tables=false", "--ip-masq=false"]
+    # Its own network namespace: a second dockerd beside the first would otherwise reconfigure (or, with
+    # --bridge none, delete) the shared docker0 bridge. The server reaches it through its Unix socket.
+    args = ["unshare", "--net", "dockerd", "--host", f"unix://{socket}", "--data-root", str(folder / "data"),
+            "--exec-root", str(short / "exec"), "--pidfile", str(short / "docker.pid"), "--iptables=false",
+            "--ip6tables=false"]
     processes: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:

@@ -73,7 +73,8 @@ HOSTILE_PATHS = [
     "/etc/passwd", "%2Fetc%2Fpasswd", "c1/../../outside.txt", "c1/..%5c..%5coutside.txt", "c1\\..\\..\\outside.txt",
     "c1/%00/x", "c1/x%00.txt", "c1//sub/ok.txt", "c1/./sub/ok.txt", ".dsm-staging/1/x", "link-out/secret.txt",
     "c1/link-file", "c1/link-dir/secret.txt", "%252e%252e/outside.txt", "c1/..", "..", ".", "c1/%2e%2e/%2e%2e/outside.txt",
-    "c1/sub/../../../outside.txt", "c1%2f..%2f..%2foutside.txt", "a" * 5000, "c1/sub/ok.txt/..", "..;/outside.txt",
+    "c1/sub/../../../outside.txt", "c1%2f..%2f..%2foutside.txt", "a" * 5000, "c1/sub/ok.txt/..",
+    "..;/outside.txt",
     "%c0%ae%c0%ae/outside.txt", "c1/sub/%0aok.txt",
 ]
 
@@ -169,7 +170,8 @@ def test_bad_upload_requests_are_clear_400s_never_405(server: Server) -> None:
     assert server.post("/api/send_files", data={"folder_name": "x"}).status_code == 400
     assert server.post("/api/send_files", data=b"raw", headers={"Content-Type": "text/plain"}).status_code == 400
     truncated = (b"--b\r\nContent-Disposition: form-data; name=\"x\"; filename=\"a.txt\"\r\n\r\nhalf a file")
-    response = server.post("/api/send_files", data=truncated, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    response = server.post("/api/send_files", data=truncated,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert response.status_code == 400 and response.json()["reason"]
 
 

@@ -58,7 +58,7 @@ def test_limits_global_and_per_service() -> None:
     result = plan(cpu, [], [], Limits(max_jobs=3, per_service={"ocr": 2}), {})
     assert [d.job_id for d, _ in result.start] == [1, 2]
     assert "ocr already runs its maximum of 2" in result.waiting[3]
-    result = plan(cpu + [Demand(job_id=9, service="blip")], [], [], Limits(max_jobs=3, per_service={"ocr": 2}), {})
+    result = plan([*cpu, Demand(job_id=9, service="blip")], [], [], Limits(max_jobs=3, per_service={"ocr": 2}), {})
     assert [d.job_id for d, _ in result.start] == [1, 2, 9]
 
 
@@ -67,7 +67,7 @@ def test_a_small_job_may_pass_a_big_one_only_a_bounded_number_of_times() -> None
     passes: dict[int, int] = {}
     started = []
     for job_id in range(1, 10):
-        waiting = [gpu_job(0, 24)] + [gpu_job(job_id, 1)]
+        waiting = [gpu_job(0, 24), gpu_job(job_id, 1)]
         result = plan(waiting, holding, TWO_CARDS, Limits(max_jobs=50, max_passes=3), passes)
         passes = result.passes
         started += [d.job_id for d, _ in result.start]

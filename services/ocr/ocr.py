@@ -72,6 +72,15 @@ def text_and_words(tsv: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def recognise(path: str, lang: str, model_type: str, requested: str) -> dict[str, Any]:
+    """One image's result; whatever goes wrong with one image never stops the others."""
+    try:
+        return _recognise(path, lang, model_type, requested)
+    except Exception as exc:
+        return {"filename": os.path.basename(path), "model_type": model_type, "requested_model": requested,
+                "success": False, "error": f"OCR failed: {type(exc).__name__}: {exc}"}
+
+
+def _recognise(path: str, lang: str, model_type: str, requested: str) -> dict[str, Any]:
     name = os.path.basename(path)
     result: dict[str, Any] = {"filename": name, "model_type": model_type, "requested_model": requested}
     if not os.path.isfile(path):
@@ -79,7 +88,7 @@ def recognise(path: str, lang: str, model_type: str, requested: str) -> dict[str
     environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}  # one thread per image; images run side by side
     try:
         done = subprocess.run(["tesseract", path, "stdout", "-l", lang, "tsv"], capture_output=True, text=True,
-                              check=False, env=environment, timeout=TESSERACT_TIMEOUT)
+                              errors="replace", check=False, env=environment, timeout=TESSERACT_TIMEOUT)
     except subprocess.TimeoutExpired:
         return {**result, "success": False, "error": f"Tesseract took more than {TESSERACT_TIMEOUT} s"}
     if done.returncode != 0:
@@ -112,7 +121,8 @@ class Progress:
     def report(self, done: int, force: bool = False) -> None:
         if self.url is None:
             return
-        due = done - self.sent_count >= PROGRESS_EVERY_IMAGES or time.monotonic() - self.sent_at > PROGRESS_EVERY_SECONDS
+        due = (done - self.sent_count >= PROGRESS_EVERY_IMAGES
+               or time.monotonic() - self.sent_at > PROGRESS_EVERY_SECONDS)
         if not (force or due):
             return
         query = urllib.parse.urlencode({"key": self.key, "status": "running", "processed_records": done,

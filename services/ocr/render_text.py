@@ -45,7 +45,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.text is None and args.source is None:
         parser.error("give --text or --from")
-    texts = [args.text.replace("\\n", "\n")] if args.text is not None else paragraphs(open(args.source).read())
+    if args.text is not None:
+        texts = [args.text.replace("\\n", "\n")]
+    else:
+        with open(args.source, encoding="utf-8") as source:
+            texts = paragraphs(source.read())
     for index, text in enumerate(texts, start=1):
         height = args.height or int(args.size * (2 + 1.6 * len(text.split("\n"))))
         path = args.out if args.text is not None else os.path.join(args.out, f"sample_{index}.png")
