@@ -31,6 +31,8 @@ ENV_CONFIG = "DSM_CONFIG"
 ENV_PORT = "DSM_PORT"
 ENV_SUPERVISOR = "DSM_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
+HOT_PATHS = ("/api/send_files", "/api/jobs/{job_id:int}", "/status_update/", "/api/list_filenames/{collection:path}",
+             "/api/download/{path:path}")
 
 
 class AccessMiddleware:
@@ -113,8 +115,11 @@ def create_app(config: Config, port: int) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.ctx = context
-    for router in (health.router, jobs.router, gpu.router, files.router, dashboard.router, services.router):
+    for router in (jobs.router, files.router, gpu.router, health.router, dashboard.router, services.router):
         app.include_router(router)
+    # Routes are tried in turn, so the ones 4CAT calls by the thousand go first (a stable sort).
+    app.router.routes.sort(key=lambda r: HOT_PATHS.index(getattr(r, "path", "")) if getattr(r, "path", "") in HOT_PATHS
+                           else len(HOT_PATHS))
     handlers: dict[Any, Any] = {
         DsmError: _dsm_error,
         HTTPException: _http_error,

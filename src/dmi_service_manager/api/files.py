@@ -39,6 +39,41 @@ def _storage(request: Request) -> Storage:
     return storage
 
 
+# -- uploading (first: 4CAT sends one request per file, tens of thousands per dataset)
+
+
+@router.post("/api/send_files")
+@router.post("/api/send_files/")
+async def send_files(request: Request) -> Response:
+    storage = _storage(request)
+    config = ctx(request).config
+    content_type = request.headers.get("content-type", "")
+    match = re.search(r"boundary=\"?([^\";,]+)\"?", content_type)
+    if not content_type.lower().startswith("multipart/form-data") or not match:
+        raise BadRequest("send_files takes a multipart/form-data body")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > config.max_upload_bytes:
+        _log_refusal(request, "too large", None)
+        raise PayloadTooLarge(f"the upload is larger than this server accepts ({config.max_upload_bytes} bytes)")
+    receiver = UploadReceiver(storage, config.allowed_extensions, config.max_upload_bytes, config.upload_fsync)
+    try:
+        await receiver.receive(match.group(1).encode("latin-1"), request.stream())
+        result = receiver.place()  # a few renames and mkdirs: cheaper inline than a thread hop
+    except ClientDisconnect:
+        receiver.discard()
+        log.info("upload to %s: the client disconnected; nothing was kept", receiver.fields.get("folder_name"))
+        return Response(status_code=400)
+    except DsmError as exc:
+        receiver.discard()
+        if exc.status_code in (413, 507):
+            _log_refusal(request, exc.message, receiver.fields.get("folder_name"))
+        raise
+    except BaseException:
+        receiver.discard()
+        raise
+    return json_response(result.body())
+
+
 # -- listing
 
 
@@ -60,41 +95,6 @@ async def list_files(request: Request) -> Response:
     if not folder:
         raise BadRequest("Must provide folder_name as ?folder_name=your_folder_name")
     return await list_filenames(folder, request)
-
-
-# -- uploading
-
-
-@router.post("/api/send_files")
-@router.post("/api/send_files/")
-async def send_files(request: Request) -> Response:
-    storage = _storage(request)
-    config = ctx(request).config
-    content_type = request.headers.get("content-type", "")
-    match = re.search(r"boundary=\"?([^\";,]+)\"?", content_type)
-    if not content_type.lower().startswith("multipart/form-data") or not match:
-        raise BadRequest("send_files takes a multipart/form-data body")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > config.max_upload_bytes:
-        _log_refusal(request, "too large", None)
-        raise PayloadTooLarge(f"the upload is larger than this server accepts ({config.max_upload_bytes} bytes)")
-    receiver = UploadReceiver(storage, config.allowed_extensions, config.max_upload_bytes, config.upload_fsync)
-    try:
-        await receiver.receive(match.group(1).encode("latin-1"), request.stream())
-        result = await run_in_threadpool(receiver.place)
-    except ClientDisconnect:
-        receiver.discard()
-        log.info("upload to %s: the client disconnected; nothing was kept", receiver.fields.get("folder_name"))
-        return Response(status_code=400)
-    except DsmError as exc:
-        receiver.discard()
-        if exc.status_code in (413, 507):
-            _log_refusal(request, exc.message, receiver.fields.get("folder_name"))
-        raise
-    except BaseException:
-        receiver.discard()
-        raise
-    return json_response(result.body())
 
 
 def _log_refusal(request: Request, why: str, collection: str | None) -> None:

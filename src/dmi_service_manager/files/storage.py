@@ -28,6 +28,7 @@ MAX_PATH_BYTES = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_PROC_FD = Path("/proc/self/fd")
 
 Parts = tuple[str, ...]
 
@@ -63,6 +64,20 @@ def display(parts: Parts) -> str:
     return "/".join(parts)
 
 
+@dataclass
+class StagedFile:
+    fd: int  # open for writing until the file is placed or discarded
+    path: Path | None  # None: an anonymous O_TMPFILE
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 @dataclass(frozen=True)
 class OpenFile:
     fd: int
@@ -79,6 +94,7 @@ class Storage:
         self.root = root
         self.fsync = fsync
         self.staging = root / STAGING_DIR
+        self._staging_made: Path | None = None
         self._line_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         self._line_lock = threading.Lock()
 
@@ -175,10 +191,12 @@ class Storage:
 
     # -- writing
 
-    def staging_dir(self) -> Path:
+    def _staging_folder(self) -> Path:
         """This process's own staging folder: same file system, never inside a collection."""
         path = self.staging / str(os.getpid())
-        path.mkdir(parents=True, exist_ok=True)
+        if path != self._staging_made:
+            path.mkdir(parents=True, exist_ok=True)
+            self._staging_made = path
         return path
 
     def sweep_staging(self) -> int:
@@ -188,26 +206,48 @@ class Storage:
             return 0
         for entry in self.staging.iterdir():
             pid = int(entry.name) if entry.name.isdigit() else None
-            if pid is not None and pid != os.getpid() and _alive(pid):
+            if pid is not None and (pid == os.getpid() or _alive(pid)):
                 continue
-            if pid == os.getpid():
-                continue
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             removed += 1
         return removed
 
-    def new_staged_file(self) -> tuple[Path, int]:
-        path = self.staging_dir() / uuid.uuid4().hex
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o664)
-        return path, fd
-
-    def place(self, staged: Path, folder: Parts, name: str) -> None:
-        """Move a complete staged file into `folder/name` in one rename: never a partial file there."""
-        with self._dir(folder, create=True) as dir_fd:
+    def new_staged_file(self) -> StagedFile:
+        """A file to write an upload into. Where the file system allows, it has no name at all
+        (O_TMPFILE) until it is linked into place, so a crash cannot leave it anywhere."""
+        folder = self._staging_folder()
+        if _PROC_FD.is_dir():
             try:
-                os.rename(staged, name, dst_dir_fd=dir_fd)
+                return StagedFile(fd=os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664), path=None)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+        path = folder / uuid.uuid4().hex
+        return StagedFile(fd=os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o664), path=path)
+
+    def place(self, staged: StagedFile, folder: Parts, name: str) -> None:
+        """Put a complete staged file at `folder/name` in one step: never a partial file there."""
+        with self._dir(folder, create=True) as dir_fd:
+            if staged.path is None:
+                try:
+                    os.link(_PROC_FD / str(staged.fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                    return
+                except FileExistsError:  # an earlier upload of that name: replace it atomically instead
+                    staged.path = self._staging_folder() / uuid.uuid4().hex
+                    staging_fd = os.open(staged.path.parent, _DIR_FLAGS)
+                    try:  # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
+                        os.link(_PROC_FD / str(staged.fd), staged.path.name, dst_dir_fd=staging_fd,
+                                follow_symlinks=True)
+                    finally:
+                        os.close(staging_fd)
+            try:
+                os.rename(staged.path, name, dst_dir_fd=dir_fd)
             except IsADirectoryError:
                 raise Conflict(f"{display((*folder, name))} is a folder") from None
+            staged.path = None
             if self.fsync:
                 os.fsync(dir_fd)
 

@@ -15,7 +15,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from python_multipart.multipart import MultipartParser
@@ -23,12 +22,12 @@ from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
 from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge
-from .storage import _NO_SPACE, Parts, Storage, display, split_path
+from .storage import _NO_SPACE, Parts, StagedFile, Storage, display, split_path
 
 log = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 64 * 1024
-_WRITE_BUFFER = 256 * 1024
+_WRITE_BUFFER = 64 * 1024
 
 
 @dataclass
@@ -39,7 +38,7 @@ class _Part:
     # a file part
     folder: Parts = ()
     name: str = ""
-    staged: Path | None = None
+    staged: StagedFile | None = None
     writer: Any = None
     placeholder: bool = False
     refused: bool = False
@@ -114,8 +113,9 @@ class UploadReceiver:
             part.refused = True
             self.errors[part.filename] = reason
             return
-        part.staged, fd = self.storage.new_staged_file()
-        part.writer = open(fd, "wb", buffering=_WRITE_BUFFER, closefd=True)  # noqa: SIM115 closed in part end
+        part.staged = self.storage.new_staged_file()
+        # The descriptor stays open after the part ends: an anonymous staged file lives only through it.
+        part.writer = open(part.staged.fd, "wb", buffering=_WRITE_BUFFER, closefd=False)  # noqa: SIM115
 
     def _refusal(self, filename: str, name: str) -> str | None:
         if not name:
@@ -176,7 +176,7 @@ class UploadReceiver:
                     part.writer.close()
                 part.writer = None
             if part.staged is not None:
-                part.staged.unlink(missing_ok=True)
+                part.staged.discard()
                 part.staged = None
 
     # -- the request
@@ -218,7 +218,8 @@ class UploadReceiver:
         folder_name = self.fields.get("folder_name") or uuid.uuid4().hex
         collection = split_path(folder_name, "folder_name")
         accepted: dict[str, list[str]] = {}
-        self.storage.ensure_dir(collection)
+        if all(part.refused for part in self.files):
+            self.storage.ensure_dir(collection)  # made all the same, as the original did
         for part in self.files:
             if part.refused:
                 accepted.setdefault(part.field_name, [])
@@ -229,6 +230,7 @@ class UploadReceiver:
             else:
                 assert part.staged is not None
                 self.storage.place(part.staged, target, part.name)
+                part.staged.discard()
                 part.staged = None
             accepted.setdefault(part.field_name, []).append(part.filename or "")
         if self.errors:

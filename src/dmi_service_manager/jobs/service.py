@@ -130,7 +130,7 @@ class JobService:
             )
 
     def get(self, job_id: int) -> Job:
-        job = self.store.get(job_id)
+        job = self.store.get(job_id) if 0 < job_id < 2**63 else None
         if job is None:
             raise NotFound(f"Job {job_id} not found")
         return job
