@@ -9,7 +9,6 @@ because 4CAT predicts the stored names that way.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
@@ -27,7 +26,6 @@ from .storage import _NO_SPACE, Parts, StagedFile, Storage, display, split_path
 log = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 64 * 1024
-_WRITE_BUFFER = 64 * 1024
 
 
 @dataclass
@@ -39,9 +37,9 @@ class _Part:
     folder: Parts = ()
     name: str = ""
     staged: StagedFile | None = None
-    writer: Any = None
     placeholder: bool = False
     refused: bool = False
+    writing: bool = True  # until the part's end boundary arrives
     # a form field
     value: bytearray = field(default_factory=bytearray)
 
@@ -114,8 +112,6 @@ class UploadReceiver:
             self.errors[part.filename] = reason
             return
         part.staged = self.storage.new_staged_file()
-        # The descriptor stays open after the part ends: an anonymous staged file lives only through it.
-        part.writer = open(part.staged.fd, "wb", buffering=_WRITE_BUFFER, closefd=False)  # noqa: SIM115
 
     def _refusal(self, filename: str, name: str) -> str | None:
         if not name:
@@ -128,8 +124,8 @@ class UploadReceiver:
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
-        if part.writer is not None:
-            self._write(part, memoryview(data)[start:end])
+        if part.staged is not None and part.writing:
+            self._write(part.staged.fd, memoryview(data)[start:end])
         elif part.filename is None:
             if len(part.value) + end - start > MAX_FIELD_BYTES:
                 raise BadRequest(f"form field {part.field_name!r} is larger than {MAX_FIELD_BYTES} bytes")
@@ -140,27 +136,26 @@ class UploadReceiver:
         if part.filename is None:
             self.fields[part.field_name] = part.value.decode("utf-8", "replace")
             return
-        if part.writer is not None:
-            self._close(part)
+        if part.staged is not None:
+            part.writing = False
+            if self.fsync:
+                self._sync(part.staged.fd)
         self.files.append(part)
 
     # -- file handling
 
-    def _write(self, part: _Part, data: memoryview) -> None:
+    def _write(self, fd: int, data: memoryview) -> None:
+        """Straight to the staged file: no buffer of ours, so no copy and flat memory."""
         try:
-            part.writer.write(data)
+            while data:
+                data = data[os.write(fd, data):]
         except OSError as exc:
             self._disk_error(exc)
 
-    def _close(self, part: _Part) -> None:
-        writer, part.writer = part.writer, None
+    def _sync(self, fd: int) -> None:
         try:
-            writer.flush()
-            if self.fsync:
-                os.fsync(writer.fileno())
-            writer.close()
+            os.fsync(fd)
         except OSError as exc:
-            writer.close() if not writer.closed else None
             self._disk_error(exc)
 
     def _disk_error(self, exc: OSError) -> None:
@@ -171,10 +166,6 @@ class UploadReceiver:
     def discard(self) -> None:
         """Remove every staged file of this request: used on any failure."""
         for part in [*self.files, self._part]:
-            if part.writer is not None:
-                with contextlib.suppress(OSError):
-                    part.writer.close()
-                part.writer = None
             if part.staged is not None:
                 part.staged.discard()
                 part.staged = None
@@ -208,7 +199,7 @@ class UploadReceiver:
             parser.finalize()
         except Exception as exc:
             raise BadRequest(f"the multipart body could not be parsed: {exc}") from None
-        if self._part.writer is not None:
+        if self._part.staged is not None and self._part.writing:
             raise BadRequest("the multipart body ended in the middle of a file")
 
     def place(self) -> UploadResult:

@@ -18,7 +18,15 @@ from typing import Any
 from ..config import Config
 from ..errors import DsmError, GpuUnavailable, RuntimeUnavailable
 from ..gpu.nvml import GpuInventory
-from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, ContainerState, EventStream, Runtime, StartFailed
+from ..runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_JOB,
+    ContainerExists,
+    ContainerState,
+    EventStream,
+    Runtime,
+    StartFailed,
+)
 from . import placement
 from .launch import check_argv, container_spec, outcome
 from .model import Job, JobStatus, StopReason, error_results
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.5
 RECONCILE_SECONDS = 5.0
 RECONNECT_SECONDS = 1.0
+NOTES_SECONDS = 1.0
+IMAGE_ID_SECONDS = 10.0
 
 
 @dataclass
@@ -42,6 +52,7 @@ class _Flags:
     outage_windows: list[tuple[float, float]] = field(default_factory=list)
     reconcile_due: bool = True
     last_reconcile: float = 0.0
+    notes_at: float = 0.0
 
 
 class Scheduler:
@@ -71,6 +82,7 @@ class Scheduler:
         self._events: EventStream | None = None
         self._threads: list[threading.Thread] = []
         self._gpu_runtime: tuple[float, str | None] | None = None
+        self._image_ids: dict[str, tuple[float, str]] = {}
 
     # -- lifecycle
 
@@ -170,12 +182,17 @@ class Scheduler:
                     continue
                 self._flags.busy.add(job.id)
             self._pool.submit(self._start, job, gpu_ids)
+        # Every start moves everyone up a place; rewriting each waiting job's note every time would cost
+        # more than the starts, so notes change at most once a second (new arrivals get theirs at once).
+        refresh = time.monotonic() - self._flags.notes_at >= NOTES_SECONDS
         order = [d.job_id for d in demands if d.job_id in plan.waiting]
         notes = {}
         for position, job_id in enumerate(order, start=1):
             note = f"Waiting in line: {position} of {len(order)}; {plan.waiting[job_id]}."
-            if by_id[job_id].message != note:
+            if by_id[job_id].message != note and (refresh or by_id[job_id].message is None):
                 notes[job_id] = note
+        if refresh:
+            self._flags.notes_at = time.monotonic()
         self.store.set_queue_messages(notes)
 
     def _uses_gpu(self, job: Job) -> bool:
@@ -191,13 +208,21 @@ class Scheduler:
             gpu_memory=job.gpu_memory if job.gpu_memory is not None else service.gpu_memory,
         )
 
+    def _image_id(self, image: str) -> str:
+        """The id the image name stands for now; cached briefly, as every job of a service asks."""
+        cached = self._image_ids.get(image)
+        if cached is None or time.monotonic() - cached[0] > IMAGE_ID_SECONDS:
+            cached = (time.monotonic(), self.runtime.image_id(image) or "")
+            self._image_ids[image] = cached
+        return cached[1]
+
     def _has_gpu_runtime(self) -> str | None:
         if self._gpu_runtime is None or time.monotonic() - self._gpu_runtime[0] > 60:
             self._gpu_runtime = (time.monotonic(), self.runtime.gpu_runtime())
         return self._gpu_runtime[1]
 
     def _start(self, job: Job, gpu_ids: list[str]) -> None:
-        created: ContainerState | None = None
+        container_id: str | None = None
         try:
             spec = container_spec(job, self.config, self.instance_id, self.server_url, gpu_ids)
             too_long = check_argv(spec.argv)
@@ -209,29 +234,36 @@ class Scheduler:
                     " nvidia-container-toolkit), so this GPU service cannot run. Set gpu: false on the service"
                     " to run it on the CPU."
                 )
-            created = self.runtime.inspect(spec.name)  # left by a start that a crash interrupted
-            if created is None:
-                created = self.runtime.create(spec)
-            details = job.details_dict()
-            details["container"] = {"name": spec.name, "image": spec.image, "image_id": created.image_id,
-                                    "argv": spec.argv, "gpu_ids": gpu_ids}
+            try:
+                container_id = self.runtime.create(spec)
+                fresh = True
+            except ContainerExists:  # made before a crash: finish that start, never make a second one
+                existing = self.runtime.inspect(spec.name)
+                if existing is None:
+                    raise StartFailed("The job's container vanished while it was being started.") from None
+                container_id, fresh = existing.id, existing.status == "created"
             current = self.store.get(job.id)
             if current is None or current.stop_reason or current.status.final:
-                self.runtime.remove(created.id)
+                self.runtime.remove(container_id)
                 if current is not None:
                     self._fail(current, current.stop_detail or "The job was cancelled before it started.")
                 return
-            self.store.mark_running(job.id, container_id=created.id, gpu_ids=gpu_ids, details=details)
-            if created.status == "created":
-                self.runtime.start(created.id, spec)
-            state = self.runtime.inspect(created.id)
-            started = state.started_at if state and state.started_at else time.time()
+            details = job.details_dict()
+            details["container"] = {"name": spec.name, "image": spec.image, "image_id": self._image_id(spec.image),
+                                    "argv": spec.argv, "gpu_ids": gpu_ids}
+            self.store.mark_running(job.id, container_id=container_id, gpu_ids=gpu_ids, details=details)
+            if fresh:
+                self.runtime.start(container_id, spec)
+                started = time.time()
+            else:
+                state = self.runtime.inspect(container_id)
+                started = state.started_at if state and state.started_at else time.time()
             self.store.set_started(job.id, started)
-            log.info("job %s started: container %s on %s", job.id, created.id[:12], gpu_ids or "CPU")
+            log.info("job %s started: container %s on %s", job.id, container_id[:12], gpu_ids or "CPU")
         except StartFailed as exc:
             log.warning("job %s could not start: %s", job.id, exc)
-            if created is not None:
-                self._quietly(self.runtime.remove, created.id)
+            if container_id is not None:
+                self._quietly(self.runtime.remove, container_id)
             self._end(job.id, JobStatus.ERROR, error_results(str(exc)), message=str(exc))
         except RuntimeUnavailable as exc:
             self.store.release_claim(job.id)  # back in line; the adoption pass sorts out a half start

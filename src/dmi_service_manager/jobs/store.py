@@ -261,6 +261,7 @@ class Store:
             return cursor.rowcount > 0
 
     def set_started(self, job_id: int, started_at: float) -> None:
+        """When the container started: timeouts count from here, not from the submit."""
         with self._write() as db:
             db.execute("UPDATE jobs SET started_at = ? WHERE id = ?", (started_at, job_id))
 

@@ -21,8 +21,8 @@ class StartFailed(Exception):
     """The container could not be created or started; the message says why, for the job's error."""
 
 
-class ContainerGone(Exception):
-    """The container no longer exists."""
+class ContainerExists(Exception):
+    """A container of that name exists already (a start that a crash interrupted)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class EventStream(Protocol):
 class Runtime(Protocol):
     def ping(self) -> None: ...
 
-    def create(self, spec: ContainerSpec) -> ContainerState: ...
+    def create(self, spec: ContainerSpec) -> str: ...
 
     def start(self, container_id: str, spec: ContainerSpec | None = None) -> None: ...
 
@@ -128,7 +128,7 @@ __all__ = [
     "LABEL_SERVICE",
     "CapturedLog",
     "ContainerEvent",
-    "ContainerGone",
+    "ContainerExists",
     "ContainerSpec",
     "ContainerState",
     "EventStream",

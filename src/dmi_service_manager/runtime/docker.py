@@ -16,7 +16,7 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig
 
 from ..errors import RuntimeUnavailable
-from .base import CapturedLog, ContainerEvent, ContainerSpec, ContainerState, StartFailed
+from .base import CapturedLog, ContainerEvent, ContainerExists, ContainerSpec, ContainerState, StartFailed
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class DockerRuntime:
         with _engine():
             self.api.ping()
 
-    def create(self, spec: ContainerSpec) -> ContainerState:
+    def create(self, spec: ContainerSpec) -> str:
+        """Make (not start) the container; its id. ContainerExists if one of that name is there."""
         host_config: dict[str, Any] = {
             "binds": {m.host: {"bind": m.container, "mode": "ro" if m.read_only else "rw"} for m in spec.mounts},
             "network_mode": spec.network,
@@ -147,11 +148,10 @@ class DockerRuntime:
                     f"The image {spec.image!r} is not in the Docker engine; build or pull it on the server first."
                 ) from None
             except docker.errors.APIError as exc:
+                if exc.status_code == 409 and spec.name:
+                    raise ContainerExists(spec.name) from None
                 raise StartFailed(_describe_start_error(str(exc.explanation or exc), spec.image, spec.argv)) from None
-        state = self.inspect(created["Id"])
-        if state is None:
-            raise StartFailed("The container vanished right after it was created.")
-        return state
+        return str(created["Id"])
 
     def start(self, container_id: str, spec: ContainerSpec | None = None) -> None:
         with _engine():
@@ -271,16 +271,16 @@ class DockerRuntime:
 
     def run_to_completion(self, spec: ContainerSpec, timeout: float) -> tuple[int, str]:
         """A short helper container (e.g. nvidia-smi): run, wait at most `timeout`, collect, remove."""
-        state = self.create(spec)
+        container_id = self.create(spec)
         try:
-            self.start(state.id, spec)
+            self.start(container_id, spec)
             with _engine():
                 try:
-                    result = self.api.wait(state.id, timeout=timeout)
+                    result = self.api.wait(container_id, timeout=timeout)
                 except requests.exceptions.ReadTimeout:
                     raise StartFailed(f"{spec.argv[0] if spec.argv else 'helper'} took over {timeout:.0f} s") from None
-            output = self.logs(state.id, "stdout", 1024 * 1024).text
-            errors = self.logs(state.id, "stderr", 64 * 1024).text
+            output = self.logs(container_id, "stdout", 1024 * 1024).text
+            errors = self.logs(container_id, "stderr", 64 * 1024).text
             return int(result.get("StatusCode", 1)), output if result.get("StatusCode") == 0 else errors or output
         finally:
-            self.remove(state.id)
+            self.remove(container_id)

@@ -1,0 +1,167 @@
+"""Shared pieces of the benchmarks: servers to measure, wrk, timing and the side-by-side table.
+
+Every benchmark starts its own servers on loopback, bounds its loops in count and time, and prints
+each figure beside a baseline measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BUSYBOX = "dsm-test-busybox:latest"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+@contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A scratch folder on the same disk as the project (not tmpfs), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR", "/var/tmp")))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Process:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None):
+        self.log = log or cwd / "process.log"
+        self.handle = subprocess.Popen(args, cwd=cwd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    def stop(self) -> None:
+        if self.handle.poll() is None:
+            os.killpg(self.handle.pid, signal.SIGTERM)
+            try:
+                self.handle.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.handle.pid, signal.SIGKILL)
+
+
+@contextmanager
+def dsm_server(folder: Path, workers: int = 2, **config: Any) -> Iterator[tuple[str, Process]]:
+    """`dsm serve` with a config of its own under `folder`."""
+    (folder / "uploads").mkdir(exist_ok=True)
+    (folder / "4cat").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {"DATABASE_FILE": str(folder / "jobs.db"), "UPLOAD_FOLDER_PATH": str(folder / "uploads"),
+                                "4CAT_DATASETS_PATH": str(folder / "4cat"), "LOG_LEVEL": "WARNING",
+                                "DOCKER_ENDPOINTS": {}}
+    settings.update(config)
+    (folder / "config.yml").write_text(yaml.safe_dump(settings))
+    port = free_port()
+    process = Process([PYTHON, "-m", "dmi_service_manager", "serve", "--config", str(folder / "config.yml"),
+                       "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], folder,
+                      log=folder / "dsm.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/")
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.stop()
+
+
+@contextmanager
+def baseline_server(folder: Path, workers: int = 2, database: Path | None = None) -> Iterator[tuple[str, Process]]:
+    """The bare Starlette routes of bench/baseline_app.py, with the same uvicorn settings as `dsm serve`."""
+    port = free_port()
+    env = {"BASELINE_ROOT": str(folder), "PYTHONPATH": str(ROOT / "bench")}
+    if database:
+        env["BASELINE_DB"] = str(database)
+    process = Process([PYTHON, "-m", "uvicorn", "baseline_app:app", "--host", "127.0.0.1", "--port", str(port),
+                       "--workers", str(workers), "--log-level", "warning", "--no-access-log", "--no-server-header",
+                       "--backlog", "4096"], folder, env=env, log=folder / "baseline.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/row/0")
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.stop()
+
+
+def wrk(url: str, seconds: int, connections: int, script: Path | None = None, threads: int = 2) -> dict[str, float]:
+    """Requests/s, p99 latency in ms, and errors, from wrk --latency."""
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    if script:
+        args += ["-s", str(script)]
+    output = subprocess.run([*args, url], capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p99_match = re.search(r"99%\s+([\d.]+)(us|ms|s)", output)
+    p99 = float(p99_match.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99_match.group(2)] if p99_match else 0.0
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    return {"rate": rate, "p99_ms": p99, "errors": float(errors.group(1)) if errors else 0.0}
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+def timed(action: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM), children included (uvicorn workers)."""
+    total = 0.0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+                    .stdout.split()]
+    for each in pids:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total = max(total, int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return total
+
+
+def table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
+    """rows: (what, ours, baseline, verdict)."""
+    print(f"\n## {title}\n")
+    header = ("measure", "dmi-service-manager", "baseline", "target")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def verdict(ok: bool, text: str) -> str:
+    return f"{'met' if ok else 'MISSED'}: {text}"
