@@ -42,7 +42,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float 
 
 
 def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    (tmp_path / "4cat").mkdir(exist_ok=True)
+    (tmp_path / "4cat").mkdir(parents=True, exist_ok=True)
     (tmp_path / "uploads").mkdir(exist_ok=True)
     config: dict[str, Any] = {
         "DATABASE_FILE": str(tmp_path / "jobs.db"),

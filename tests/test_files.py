@@ -326,3 +326,23 @@ def test_retention_removes_only_old_collections_no_job_uses(make_server: Callabl
     assert (uploads / "fresh").exists() and (uploads / "old-but-used").exists()
     assert "retention: removed collection old" in server.log()
     server.delete(f"/api/jobs/{blocker}")
+
+
+def test_staging_left_by_a_dead_process_is_swept_at_start_up(make_server: Callable[..., Server],
+                                                              tmp_path: Path) -> None:
+    leftover = tmp_path / "uploads" / ".dsm-staging" / "999999"  # no such process
+    leftover.mkdir(parents=True)
+    (leftover / "half-written").write_bytes(b"partial")
+    server = make_server()
+    wait_until(lambda: not leftover.exists(), 10, what="the sweep")
+    assert "half-written upload" in server.log()
+    assert server.get("/api/list_filenames/.dsm-staging").status_code == 400  # never listed
+
+
+def test_with_upload_fsync_files_are_synced_and_stored(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, UPLOAD_FSYNC=True))
+    for _ in range(2):  # the second replaces the first
+        response = server.post("/api/send_files", data={"folder_name": "synced"},
+                               files=[("4cat_uploads", ("a.bin", b"durable"))])
+        assert response.status_code == 200
+    assert (tmp_path / "uploads" / "synced" / "4cat_uploads" / "a.bin").read_bytes() == b"durable"

@@ -234,6 +234,8 @@ class Storage:
             if staged.path is None:
                 try:
                     os.link(_PROC_FD / str(staged.fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                    if self.fsync:
+                        os.fsync(dir_fd)
                     return
                 except FileExistsError:  # an earlier upload of that name: replace it atomically instead
                     staged.path = self._staging_folder() / uuid.uuid4().hex

@@ -136,12 +136,11 @@ class JobService:
         return job
 
     def needs_poll_record(self, job: Job, now: float) -> bool:
-        """Whether this poll should be written down (only the abandonment rule reads it)."""
-        return (
-            self.config.abandon_after_hours is not None
-            and not job.status.final
-            and (job.last_polled_at is None or now - job.last_polled_at > POLL_RECORD_SECONDS)
-        )
+        """Whether this poll should be written down (only the abandonment rule reads it, so most are not)."""
+        if self.config.abandon_after_hours is None or job.status.final:
+            return False
+        every = min(POLL_RECORD_SECONDS, self.config.abandon_after_hours * 360)  # a tenth of the limit
+        return job.last_polled_at is None or now - job.last_polled_at > every
 
     def record_poll(self, job_id: int) -> None:
         self.store.touch_polled(job_id, time.time())
