@@ -12,7 +12,6 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import BadRequest
-from ..jobs.model import JobStatus
 from .http import caller, ctx, json_body, json_response
 
 router = APIRouter()
@@ -122,5 +121,3 @@ async def status_update(request: Request) -> Response:
     )
     return json_response({"status": "success"})
 
-
-__all__ = ["JobStatus", "router"]

@@ -142,13 +142,6 @@ class Storage:
         with self._dir(parts, create=True):
             pass
 
-    def exists(self, parts: Parts) -> bool:
-        try:
-            with self._dir(parts):
-                return True
-        except NotFound:
-            return False
-
     def open_file(self, parts: Parts) -> OpenFile:
         """Open a regular file for reading; the caller closes `fd`."""
         with self._dir(parts[:-1]) as dir_fd:

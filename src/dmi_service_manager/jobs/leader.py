@@ -78,10 +78,6 @@ class Leadership:
         self._fd = fd
         return True
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -24,8 +24,6 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.COMPLETE, JobStatus.ERROR)
 
 
-FINAL = (JobStatus.COMPLETE.value, JobStatus.ERROR.value)
-
 # Where a job may go from each status; the store refuses anything else.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.CREATED: frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.ERROR}),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
-from ..errors import DsmError, GpuUnavailable, RuntimeUnavailable
+from ..errors import GpuUnavailable, RuntimeUnavailable
 from ..gpu.nvml import GpuInventory
 from ..runtime.base import (
     LABEL_INSTANCE,
@@ -481,5 +481,5 @@ class Scheduler:
     def _quietly(action: Any, *args: Any) -> None:
         try:
             action(*args)
-        except (DsmError, Exception) as exc:
+        except Exception as exc:
             log.warning("%s%s failed: %s", getattr(action, "__name__", action), args, exc)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .model import FINAL, Job, JobStatus, error_results
+from .model import Job, JobStatus, error_results
 
 SCHEMA_VERSION = 2
 DATASET_KEY_PATH = ("request_json", "4CAT_dataset_key")
@@ -176,10 +176,6 @@ class Store:
         )
         return [_job(row) for row in rows]
 
-    def latest_id(self) -> int:
-        row = self._conn().execute("SELECT max(id) FROM jobs").fetchone()
-        return int(row[0] or 0)
-
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         return {str(row["status"]): int(row["n"]) for row in rows}
@@ -336,5 +332,3 @@ def _job(row: sqlite3.Row) -> Job:
         last_polled_at=row["last_polled_at"],
     )
 
-
-__all__ = ["DATASET_KEY_PATH", "FINAL", "Store"]
