@@ -141,6 +141,9 @@ class Scheduler:
         if not waiting:
             self._flags.passes.clear()
             return
+        full = len(holding) >= self.config.max_concurrent_jobs
+        if full and time.monotonic() - self._flags.notes_at < NOTES_SECONDS:
+            return  # nothing can start; the queue notes are refreshed once a second below
         cards: list[placement.Card] = []
         gpu_problem = None
         if any(self._uses_gpu(j) for j in waiting):

@@ -20,7 +20,7 @@ from typing import Any
 
 from .model import Job, JobStatus, error_results
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DATASET_KEY_PATH = ("request_json", "4CAT_dataset_key")
 
 # Column name -> SQL type, beyond the original's (id, created_at, jobtype, completed_at, status,
@@ -103,6 +103,7 @@ class Store:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_dataset_key ON jobs (dataset_key)")
             db.execute(f"CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, id) WHERE {_ACTIVE}")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (id) WHERE callback_url IS NOT NULL")
             if exists and version == 0:
                 notes += self._adopt_original_rows(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -295,7 +296,8 @@ class Store:
 
     def pending_callbacks(self) -> list[tuple[int, dict[str, Any]]]:
         rows = self._conn().execute(
-            "SELECT id, callback_state FROM jobs WHERE callback_url IS NOT NULL AND status IN ('complete', 'error')"
+            "SELECT id, callback_state FROM jobs WHERE callback_url IS NOT NULL"
+            " AND status IN ('complete', 'error')"
             " AND (callback_state IS NULL OR json_extract(callback_state, '$.done') IS NOT 1)"
         )
         return [(int(row["id"]), json.loads(row["callback_state"] or "{}")) for row in rows]
