@@ -144,3 +144,12 @@ def test_unknown_options_are_refused_like_every_dmi_service(ocr_server: Server) 
     job = ocr_server.wait_final(ocr_server.submit("ocr_local", ["--output_dir", "data/x", "--images", "data/a.png",
                                                                 "--bogus"])["key"])
     assert job["status"] == "error" and "unrecognized arguments: --bogus" in json.loads(job["results"])["error"]
+
+
+def test_only_result_files_are_left_in_the_results_folder(ocr_server: Server, tmp_path: Path,
+                                                          docker_client: docker.DockerClient) -> None:
+    folder = tmp_path / "uploads" / "clean"
+    render(docker_client, folder / "in", "a.png", SENTENCES[0])
+    key = ocr_server.submit("ocr_remote", four_cat_args("data/clean/out", ["data/clean/in/a.png"])["args"])["key"]
+    assert ocr_server.wait_final(key, 60)["status"] == "complete"
+    assert FourCat(ocr_server.url).folder_files("clean/out") == {".": ["a.json"]}

@@ -9,10 +9,12 @@ for its progress bar; with `--database_key` and `--dmi_sm_server` progress is al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -100,11 +102,20 @@ def _recognise(path: str, lang: str, model_type: str, requested: str) -> dict[st
     return {**result, "success": True, "simplified_text": {"raw_text": text}, "raw_output": words}
 
 
+PARTIAL_DIR = ".ocr-partial"
+
+
 def write_result(output_dir: str, result: dict[str, Any]) -> None:
-    """Write <image name without extension>.json in one rename, so 4CAT never reads half a file."""
+    """Write <image name without extension>.json in one rename, so nobody reads half a file.
+
+    The file is first written in a hidden folder beside the results (same file system, so the rename is
+    atomic), never in the results folder itself, where 4CAT counts and later parses every file.
+    """
     stem = os.path.splitext(result["filename"])[0] or "image"
     target = os.path.join(output_dir, f"{stem}.json")
-    temporary = os.path.join(output_dir, f".{stem}.json.partial")
+    partial = os.path.join(output_dir, PARTIAL_DIR)
+    os.makedirs(partial, exist_ok=True)
+    temporary = os.path.join(partial, f"{stem}.{os.getpid()}.{threading.get_ident()}.json")
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(result, handle, ensure_ascii=False)
     os.replace(temporary, target)
@@ -149,6 +160,8 @@ def main(argv: list[str]) -> int:
             failed += not result["success"]
             progress.report(done)
     progress.report(len(args.images), force=True)
+    with contextlib.suppress(OSError):  # left only if another writer still uses it
+        os.rmdir(os.path.join(args.output_dir, PARTIAL_DIR))
     print(f"OCR done: {len(args.images) - failed} of {len(args.images)} images with text ({model_type}, "
           f"language {args.lang})")
     return 0
