@@ -270,3 +270,13 @@ def test_job_lists_and_the_endpoint_list(server: Server) -> None:
 def test_health_says_what_is_well(server: Server) -> None:
     body = server.get("/api/health").json()
     assert body["status"] == "ok" and body["docker"]["ok"] and body["database"]["ok"]
+
+
+def test_the_dashboard_page_and_the_lists_it_reads(server: Server) -> None:
+    page = server.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    assert "DMI Service Manager" in page.text and "Content-Security-Policy" in page.headers
+    keys = [server.submit("fake_local", [])["key"] for _ in range(3)]
+    newest = server.get("/api/jobs/", params={"limit": "2", "order": "desc"}).json()["jobs"]
+    assert [j["id"] for j in newest] == keys[::-1][:2]
+    assert server.get("/jobs/", params={"limit": "x"}).status_code == 400
