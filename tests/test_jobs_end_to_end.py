@@ -180,6 +180,12 @@ def test_a_bad_submit_body_is_a_400_json_error(server: Server, body: str) -> Non
     assert response.json()["reason"]
 
 
+def test_an_oversized_submit_body_is_refused_with_413(server: Server) -> None:
+    body = b'{"args": ["' + b"x" * (17 * 1024 * 1024) + b'"]}'
+    response = server.post("/api/fake_local", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["reason"]
+
+
 def test_a_missing_image_ends_the_job_in_error_not_stuck(make_server: Callable[..., Server],
                                                           tmp_path: Path) -> None:
     from support import base_config

@@ -10,8 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..context import AppContext
+from ..errors import BadRequest, PayloadTooLarge
 
 CALLER_KEY = "dsm.caller"
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a job's arguments; far more than the kernel lets a container take
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*/?")
 
@@ -62,9 +64,11 @@ def base_url(request: Request) -> str:
 
 async def json_body(request: Request) -> Any:
     """The body as JSON, or None when there is none; a BadRequest when it is not JSON."""
-    from ..errors import BadRequest
-
-    raw = await request.body()
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BYTES:
+            raise PayloadTooLarge(f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     if not raw.strip():
         return None
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import APIRouter
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -17,6 +19,13 @@ from .http import caller, ctx, json_body, json_response
 router = APIRouter()
 
 FOLLOW_POLL_SECONDS = 0.5
+FOLLOWERS = 8
+
+
+@functools.cache
+def _followers() -> anyio.CapacityLimiter:
+    """Threads for following logs; made on first use, inside the event loop."""
+    return anyio.CapacityLimiter(FOLLOWERS)
 
 
 @router.get("/api/jobs/{job_id:int}")
@@ -64,11 +73,15 @@ async def job_logs(job_id: int, request: Request) -> Response:
         return Response(_stored_output(job.results_dict(), tail), media_type="text/plain; charset=utf-8")
     container_id = job.container_id
 
-    def lines() -> Iterator[bytes]:
-        yield from context.runtime.follow_logs(container_id, tail, follow)
+    lines = iter(context.runtime.follow_logs(container_id, tail, follow))
 
     async def stream() -> AsyncIterator[bytes]:
-        async for chunk in iterate_in_threadpool(lines()):
+        while True:
+            # A thread blocks on Docker for each read; a limiter of their own keeps followers from
+            # taking the threads that submits and cancels need.
+            chunk = await anyio.to_thread.run_sync(next, lines, None, limiter=_followers())
+            if chunk is None:
+                break
             yield chunk
             if await request.is_disconnected():
                 return
