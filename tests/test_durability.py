@@ -149,6 +149,36 @@ def test_four_workers_serve_every_route_and_start_each_job_exactly_once(
     assert {int(k): v for k, v in starts.items() if int(k) in keys} == {k: 1 for k in keys}
 
 
+def test_when_the_worker_running_the_scheduler_dies_another_takes_over(make_server: Callable[..., Server],
+                                                                     tmp_path: Path) -> None:
+    server = make_server(workers=2)
+    running = server.submit("fake_local", ["--sleep", "3"])["key"]
+    server.wait_status(running, "running")
+    leader = server.get("/api/health").json()["scheduler"]["pid"]
+    os.kill(leader, signal.SIGKILL)
+    new_leader = wait_until(lambda: (pid := _leader(server)) not in (None, leader) and pid, 20,
+                            what="another worker to take the scheduler")
+    assert new_leader != leader
+    assert server.wait_final(running, 30)["status"] == "complete"  # adopted by the new leader
+    assert server.wait_final(server.submit("fake_local", [])["key"], 30)["status"] == "complete"
+
+
+def _leader(server: Server) -> int | None:
+    try:
+        pid: int | None = server.get("/api/health").json()["scheduler"]["pid"]
+    except (requests.RequestException, ValueError):
+        return None
+    return pid if pid is not None and _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_kill_9_of_the_parent_leaves_no_worker_holding_the_port(make_server: Callable[..., Server],
                                                                 tmp_path: Path) -> None:
     server = make_server(workers=4)
