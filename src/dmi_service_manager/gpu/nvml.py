@@ -100,9 +100,8 @@ class GpuInventory:
         self.config = config
         self.runtime = runtime
         self._nvml = _Nvml()
-        self._cache: tuple[float, list[GpuCard], str] | None = None
+        self._cache: tuple[float, list[GpuCard] | GpuUnavailable, str] | None = None
         self._lock = threading.Lock()
-        self.last_error: str | None = None
 
     @property
     def declared(self) -> bool:
@@ -116,12 +115,18 @@ class GpuInventory:
             )
         with self._lock:
             if self._cache and time.monotonic() - self._cache[0] < CACHE_SECONDS:
+                if isinstance(self._cache[1], GpuUnavailable):
+                    raise self._cache[1]
                 return self._cache[1], self._cache[2]
             found = self._nvml.read()
             source = "nvml"
             if found is None:
-                found = self._nvidia_smi(image)
                 source = "nvidia-smi"
+                try:
+                    found = self._nvidia_smi(image)
+                except GpuUnavailable as exc:  # remembered too: each try starts a container
+                    self._cache = (time.monotonic(), exc, source)
+                    raise
             self._cache = (time.monotonic(), found, source)
             return found, source
 
