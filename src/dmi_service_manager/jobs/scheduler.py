@@ -410,9 +410,14 @@ class Scheduler:
 
     def _docker_lost(self, why: str) -> None:
         with self._lock:
-            if self._flags.docker_lost_at is None:
-                self._flags.docker_lost_at = time.time()
-                log.error("lost the Docker engine: %s; reconnecting", why)
+            if self._flags.docker_lost_at is not None:
+                return
+            self._flags.docker_lost_at = time.time()
+            log.error("lost the Docker engine: %s; reconnecting", why)
+        # Whatever failed, reconnect the event stream: its reconnection is what declares Docker back
+        # (and reconciles), so a failed call while the stream looked healthy cannot stall the queue.
+        if self._events is not None:
+            self._events.close()
 
     def _docker_back(self) -> None:
         with self._lock:
