@@ -27,7 +27,7 @@ MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _PROC_FD = Path("/proc/self/fd")
 
 Parts = tuple[str, ...]
@@ -122,7 +122,7 @@ class Storage:
                     except FileExistsError:
                         pass
                     except OSError as exc:
-                        if exc.errno in _NO_SPACE:
+                        if exc.errno in NO_SPACE:
                             raise InsufficientStorage("no space left to create the folder") from None
                         raise
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)

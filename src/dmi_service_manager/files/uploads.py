@@ -14,14 +14,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
 from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge
-from .storage import _NO_SPACE, Parts, StagedFile, Storage, display, split_path
+from .storage import NO_SPACE, Parts, StagedFile, Storage, display, split_path
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,10 @@ class UploadReceiver:
             part.refused = True
             self.errors[part.filename] = reason
             return
-        part.staged = self.storage.new_staged_file()
+        try:
+            part.staged = self.storage.new_staged_file()
+        except OSError as exc:
+            self._disk_error(exc)
 
     def _refusal(self, filename: str, name: str) -> str | None:
         if not name:
@@ -158,8 +161,8 @@ class UploadReceiver:
         except OSError as exc:
             self._disk_error(exc)
 
-    def _disk_error(self, exc: OSError) -> None:
-        if exc.errno in _NO_SPACE:
+    def _disk_error(self, exc: OSError) -> NoReturn:
+        if exc.errno in NO_SPACE:
             raise InsufficientStorage("the server's disk is full; the file was not stored") from None
         raise exc
 
@@ -220,7 +223,10 @@ class UploadReceiver:
                 self.storage.ensure_dir(target)
             else:
                 assert part.staged is not None
-                self.storage.place(part.staged, target, part.name)
+                try:
+                    self.storage.place(part.staged, target, part.name)
+                except OSError as exc:
+                    self._disk_error(exc)
                 part.staged.discard()
                 part.staged = None
             accepted.setdefault(part.field_name, []).append(part.filename or "")
