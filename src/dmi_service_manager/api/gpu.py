@@ -10,7 +10,6 @@ from starlette.responses import Response
 from ..config import GPU_DISABLED_REASON
 from ..errors import GpuUnavailable
 from ..jobs import placement
-from ..jobs.model import JobStatus
 from .http import ctx, json_response
 
 router = APIRouter()
@@ -33,19 +32,11 @@ async def check_gpu_mem(service: str, request: Request) -> Response:
         return json_response({"status": "error", "reason": f"GPU check failed: {exc.message}",
                               "message": exc.message}, 500)
     jobs = await run_in_threadpool(context.store.active)
-    reserved: dict[str, int] = {}
-    running = 0
-    for job in jobs:
-        if job.status == JobStatus.RUNNING or job.claimed_at is not None:
-            running += 1
-            for gpu in job.gpu_ids:
-                held = job.gpu_memory if job.gpu_memory is not None else next(
-                    (c.total for c in cards if c.id == gpu), 0)
-                reserved[gpu] = reserved.get(gpu, 0) + held
+    holding = [placement.Holding.of(j) for j in jobs if j.holds_capacity]
+    reserved = placement.reserved(holding, [placement.Card(id=c.id, total=c.total) for c in cards])
     queued = sum(
         1 for j in jobs
-        if j.status != JobStatus.RUNNING and j.claimed_at is None
-        and j.service in config.docker_endpoints and config.service_uses_gpu(j.service or "")
+        if not j.holds_capacity and j.service in config.docker_endpoints and config.service_uses_gpu(j.service or "")
     )
     demand = placement.Demand(job_id=0, service=service, uses_gpu=True, gpus=settings.gpus,
                               gpu_memory=settings.gpu_memory)
@@ -62,7 +53,7 @@ async def check_gpu_mem(service: str, request: Request) -> Response:
         "gpu_free_mem": free(best.id, best.total, best.free) if best else 0,
         "gpus": per_card,
         "source": source,
-        "jobs_running": running,
+        "jobs_running": len(holding),
         "gpu_jobs_queued": queued,
     }
     if never:

@@ -68,6 +68,11 @@ class Job:
     callback_url: str | None = None
     last_polled_at: float | None = None
 
+    @property
+    def holds_capacity(self) -> bool:
+        """Running, or claimed by the scheduler for starting: it holds a job slot and its GPUs."""
+        return self.status == JobStatus.RUNNING or self.claimed_at is not None
+
     def wire(self) -> dict[str, Any]:
         """The job exactly as 4CAT reads it (`details` and `results` are JSON strings)."""
         return {

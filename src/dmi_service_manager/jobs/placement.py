@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .model import Job
+
 GIB = 1024**3
 
 
@@ -45,6 +47,10 @@ class Holding:
     service: str
     gpu_ids: tuple[str, ...] = ()
     gpu_memory: int | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> Holding:
+        return cls(job_id=job.id, service=job.service or "", gpu_ids=tuple(job.gpu_ids), gpu_memory=job.gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,12 @@ class _Cards:
 
     def most_room(self) -> int:
         return max((self.available(c) for c in self.cards.values()), default=0)
+
+
+def reserved(holdings: Sequence[Holding], cards: Sequence[Card]) -> dict[str, int]:
+    """Bytes each card holds for running jobs; a whole-card job holds all of its card."""
+    held = _Cards(cards, holdings)
+    return {c.id: c.total if c.id in held.exclusive else held.reserved[c.id] for c in cards}
 
 
 def _numeric(card_id: str) -> tuple[int, str]:

@@ -80,7 +80,6 @@ class Scheduler:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsm-job")
         self._events: EventStream | None = None
-        self._threads: list[threading.Thread] = []
         self._gpu_runtime: tuple[float, str | None] | None = None
         self._image_ids: dict[str, tuple[float, str]] = {}
 
@@ -88,9 +87,7 @@ class Scheduler:
 
     def start(self) -> None:
         for target, name in ((self._loop, "dsm-scheduler"), (self._watch_events, "dsm-docker-events")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -125,8 +122,8 @@ class Scheduler:
     def tick(self) -> None:
         now = time.time()
         jobs = self.store.active()
-        holding = [j for j in jobs if j.status == JobStatus.RUNNING or j.claimed_at is not None]
-        waiting = [j for j in jobs if j.status != JobStatus.RUNNING and j.claimed_at is None]
+        holding = [j for j in jobs if j.holds_capacity]
+        waiting = [j for j in jobs if not j.holds_capacity]
         due = self._flags.reconcile_due or now - self._flags.last_reconcile > RECONCILE_SECONDS
         if due and self.docker_reachable:
             self._reconcile(holding)
@@ -169,10 +166,7 @@ class Scheduler:
             per_service={n: s.max_concurrent for n, s in self.config.docker_endpoints.items() if s.max_concurrent},
             max_passes=self.config.queue_max_passes,
         )
-        holdings = [
-            placement.Holding(job_id=j.id, service=j.service or "", gpu_ids=tuple(j.gpu_ids), gpu_memory=j.gpu_memory)
-            for j in holding
-        ]
+        holdings = [placement.Holding.of(j) for j in holding]
         plan = placement.plan(demands, holdings, cards, limits, self._flags.passes)
         self._flags.passes = {k: v for k, v in plan.passes.items() if k in plan.waiting}
         by_id = {j.id: j for j in waiting}

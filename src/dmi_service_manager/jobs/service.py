@@ -173,7 +173,7 @@ class JobService:
         if job.status.final:
             return job
         detail = f"Cancelled by {who}."
-        waiting = job.status == JobStatus.PENDING and job.claimed_at is None
+        waiting = not job.holds_capacity
         if waiting and self.store.finish(job_id, JobStatus.ERROR, error_results(detail), message=detail,
                                          only_if_pending=True):
             log.info("job %s cancelled while waiting, by %s", job_id, who)

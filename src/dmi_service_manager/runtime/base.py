@@ -64,10 +64,6 @@ class ContainerState:
     error: str = ""
 
     @property
-    def running(self) -> bool:
-        return self.status in ("running", "paused", "restarting")
-
-    @property
     def ended(self) -> bool:
         return self.status in ("exited", "dead")
 
