@@ -312,8 +312,14 @@ class Scheduler:
         stdout = self.runtime.logs(container_id, "stdout", limit)
         stderr = self.runtime.logs(container_id, "stderr", limit)
         result = outcome(job, state, stdout, stderr, docker_outage=outage)
-        self._end(job_id, result.status, result.results)
-        self.runtime.remove(container_id)
+        if job.stop_reason:
+            # Stopped by us (timeout, cancel): the job says so only once its container is gone.
+            self.runtime.remove(container_id)
+            self._end(job_id, result.status, result.results)
+        else:
+            # Its own exit: record the results first, so a crash in between cannot lose them.
+            self._end(job_id, result.status, result.results)
+            self.runtime.remove(container_id)
         log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
 
     def _end(self, job_id: int, status: JobStatus, results: dict[str, Any], message: str | None = None) -> None:
@@ -449,10 +455,13 @@ class Scheduler:
             found = containers.pop(job.id, None)
             if found is None:
                 if job.status == JobStatus.RUNNING:
-                    self._end(job.id, JobStatus.ERROR, error_results(
-                        "The job's container vanished (it was removed, or Docker lost it) while this server was"
-                        " not watching; its results are unknown."
-                    ))
+                    why = (
+                        (job.stop_detail or "The job was stopped.")  # we removed it after stopping it
+                        if job.stop_reason
+                        else "The job's container vanished (it was removed, or Docker lost it) while this server"
+                        " was not watching; its results are unknown."
+                    )
+                    self._end(job.id, JobStatus.ERROR, error_results(why))
                 else:
                     self.store.release_claim(job.id)  # claimed, never created: start it again
                 continue
