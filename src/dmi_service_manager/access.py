@@ -40,7 +40,6 @@ def _address(text: str) -> IPAddress | None:
 @dataclass(frozen=True)
 class Caller:
     address: str
-    via_trusted_proxy: bool
 
 
 class AccessPolicy:
@@ -55,16 +54,14 @@ class AccessPolicy:
         """The client's address after walking back through trusted proxies."""
         current = _address(peer or "")
         if current is None:
-            return Caller(address=peer or "", via_trusted_proxy=False)
+            return Caller(address=peer or "")
         hops = [h for h in (forwarded_for or "").split(",") if h.strip()]
-        via_proxy = False
         while self._is_trusted(current) and hops:
             previous = _address(hops.pop())
             if previous is None:
                 break
             current = previous
-            via_proxy = True
-        return Caller(address=str(current), via_trusted_proxy=via_proxy)
+        return Caller(address=str(current))
 
     def allows(self, address: str, path: str) -> bool:
         if not self.whitelist:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access import AccessPolicy
 from .api import dashboard, files, gpu, health, jobs, services
-from .api.http import CALLER_KEY, json_response
+from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
 from .errors import DsmError
@@ -50,6 +50,7 @@ class AccessMiddleware:
         peer = scope["client"][0] if scope.get("client") else None
         who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
         scope[CALLER_KEY] = who.address
+        scope[TRUSTED_PEER_KEY] = self.policy.peer_is_trusted(peer)
         if not self.policy.allows(who.address, scope["path"]):
             log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
             response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
@@ -114,8 +115,8 @@ def create_app(config: Config, port: int) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,
     )
-    app.state.ctx = context
-    for router in (jobs.router, files.router, gpu.router, health.router, dashboard.router, services.router):
+    for router in (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
+                   health.router(context.health), dashboard.router(), services.router(context.jobs)):
         app.include_router(router)
     # Routes are tried in turn, so the ones 4CAT calls by the thousand go first (a stable sort).
     app.router.routes.sort(key=lambda r: HOT_PATHS.index(getattr(r, "path", "")) if getattr(r, "path", "") in HOT_PATHS

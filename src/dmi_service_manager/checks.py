@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import Config
 from .errors import RuntimeUnavailable
-from .runtime.base import Runtime
+from .runtime.base import Runtime, no_gpu_runtime
 
 
 def engine_warnings(config: Config, runtime: Runtime) -> list[str]:
@@ -23,11 +23,7 @@ def engine_warnings(config: Config, runtime: Runtime) -> list[str]:
             f"images not in the Docker engine: {', '.join(missing)}; their jobs fail until the images are built"
         )
     if config.gpu_enabled and config.gpu_device_mode == "device_requests" and runtime.gpu_runtime() is None:
-        gpu_services = [n for n in config.docker_endpoints if config.service_uses_gpu(n)]
-        warnings.append(
-            "GPU_ENABLED is set but Docker on this host has no GPU runtime (nvidia-container-toolkit);"
-            f" jobs of {', '.join(gpu_services) or 'GPU services'} will fail with that reason"
-        )
+        warnings.append(no_gpu_runtime(n for n in config.docker_endpoints if config.service_uses_gpu(n)))
     return warnings
 
 

@@ -13,15 +13,19 @@ from pathlib import Path
 
 from .access import AccessPolicy
 from .config import Config
-from .errors import DsmError, RuntimeUnavailable
+from .errors import DsmError
 from .files.retention import sweep_expired
-from .files.storage import Storage
+from .files.service import FileService
 from .gpu.nvml import GpuInventory
+from .health import Health
+from .jobs.launch import FourCatWorkload
 from .jobs.leader import Doorbell, Leadership
+from .jobs.model import Kind
 from .jobs.scheduler import Scheduler
 from .jobs.service import JobService
 from .jobs.store import Store
 from .jobs.webhooks import Webhooks
+from .jobs.workload import Workload
 from .runtime.docker import DockerRuntime
 
 log = logging.getLogger(__name__)
@@ -37,11 +41,12 @@ class AppContext:
     store: Store
     runtime: DockerRuntime
     gpus: GpuInventory
+    workloads: dict[Kind, Workload]
     jobs: JobService
-    storage: Storage | None
+    files: FileService
+    health: Health
     policy: AccessPolicy
     instance_id: str
-    server_url: str
     doorbell: Doorbell
     leadership: Leadership
     webhooks: Webhooks
@@ -57,22 +62,32 @@ class AppContext:
         runtime = DockerRuntime(config.docker_host)
         gpus = GpuInventory(config, runtime)
         doorbell = Doorbell(instance_id, config.database_file)
-        storage = Storage(config.upload_folder_path, fsync=config.upload_fsync) if config.upload_folder_path else None
-        return cls(
+        leadership = Leadership(Path(f"{config.database_file}.scheduler.lock"))
+        workloads: dict[Kind, Workload] = {
+            Kind.FOURCAT: FourCatWorkload(config, instance_id, config.server_url(port)),
+        }
+        jobs = JobService(config, store, gpus, runtime, workloads, doorbell.ring)
+        files = FileService(config.upload_folder_path, fsync=config.upload_fsync,
+                            allowed_extensions=config.allowed_extensions, max_upload_bytes=config.max_upload_bytes,
+                            in_use=jobs.collections_in_use)
+        context = cls(
             config=config,
             port=port,
             store=store,
             runtime=runtime,
             gpus=gpus,
-            jobs=JobService(config, store, gpus, doorbell.ring),
-            storage=storage,
+            workloads=workloads,
+            jobs=jobs,
+            files=files,
+            health=Health(config, jobs, runtime, gpus, instance_id, leadership.holder_pid, lambda: False),
             policy=AccessPolicy(config.ip_whitelist, config.trusted_proxies),
             instance_id=instance_id,
-            server_url=config.server_url(port),
             doorbell=doorbell,
-            leadership=Leadership(Path(f"{config.database_file}.scheduler.lock")),
+            leadership=leadership,
             webhooks=Webhooks(config, store),
         )
+        context.health.scheduler_here = lambda: context.scheduler is not None
+        return context
 
     # -- background work
 
@@ -94,27 +109,20 @@ class AppContext:
 
     def _lead(self) -> None:
         log.info("this process (instance %s) runs the scheduler", self.instance_id)
-        if self.storage is not None:
-            swept = self.storage.sweep_staging()
+        if self.files.configured:
+            swept = self.files.storage.sweep_staging()
             if swept:
                 log.warning("removed %d half-written upload(s) left by a process that died", swept)
         self.scheduler = Scheduler(self.config, self.store, self.runtime, self.gpus, self.instance_id,
-                                   self.server_url, on_final=self.webhooks.job_final)
+                                   self.workloads, on_final=self.webhooks.job_final)
         self.scheduler.start()
         threading.Thread(target=self.doorbell.listen, args=(self.scheduler.wake, self._stop),
                          name="dsm-doorbell", daemon=True).start()
         self.webhooks.start(self._stop)
-        while self.storage is not None and self.config.retention_days:
+        while self.files.configured and self.config.retention_days:
             try:
-                sweep_expired(self.storage, self.store, self.config)
+                sweep_expired(self.files.storage, self.config.retention_days, self.jobs.collections_in_use)
             except (DsmError, OSError) as exc:
                 log.error("retention sweep failed: %s", exc)
             if self._stop.wait(HOUSEKEEPING_SECONDS):
                 return
-
-    def docker_state(self) -> tuple[bool, str]:
-        try:
-            self.runtime.ping()
-        except RuntimeUnavailable as exc:
-            return False, exc.message
-        return True, "reachable"

@@ -1,6 +1,6 @@
 """File routes (remote mode): upload, list, download, count lines, delete a collection.
 
-Every client-supplied name goes through `files.storage`, which alone turns names into paths.
+Every client-supplied name goes through the file service, which alone turns names into paths.
 """
 
 from __future__ import annotations
@@ -8,116 +8,103 @@ from __future__ import annotations
 import email.utils
 import logging
 import mimetypes
-import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BadRequest, Conflict, DsmError, PayloadTooLarge, RangeNotSatisfiable
-from ..files.retention import collections_in_use
-from ..files.storage import OpenFile, Storage, display, split_path
-from ..files.uploads import UploadReceiver
-from .http import ctx, json_response
+from ..errors import BadRequest, RangeNotSatisfiable
+from ..files.service import FileService
+from ..files.storage import OpenFile
+from . import schemas
+from .http import caller, json_response
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
-CHUNK = 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_BOUNDARY = re.compile(r"boundary=\"?([^\";,]+)\"?")
+_MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "properties": {"folder_name": {"type": "string", "description": "the collection; blank: a fresh one"}},
+    "additionalProperties": {"type": "string", "format": "binary",
+                             "description": "each file part's field name is the subfolder it goes to"},
+}}}}}
 
 
-def _storage(request: Request) -> Storage:
-    storage = ctx(request).storage
-    if storage is None:
-        raise BadRequest("This instance of DMI Service Manager is not configured to allow uploads"
-                         " (UPLOAD_FOLDER_PATH is not set)")
-    return storage
+def router(files: FileService) -> APIRouter:
+    api = APIRouter(tags=["files"])
 
+    # -- uploading (first: 4CAT sends one request per file, tens of thousands per dataset)
 
-# -- uploading (first: 4CAT sends one request per file, tens of thousands per dataset)
+    @api.post("/api/send_files", responses={200: {"model": schemas.UploadAnswer}, **schemas.errors(400, 413, 507)},
+              openapi_extra=_MULTIPART)
+    @api.post("/api/send_files/", include_in_schema=False)
+    async def send_files(request: Request) -> Response:
+        content_type = request.headers.get("content-type", "")
+        match = _BOUNDARY.search(content_type)
+        if not content_type.lower().startswith("multipart/form-data") or not match:
+            raise BadRequest("send_files takes a multipart/form-data body")
+        length = request.headers.get("content-length")
+        declared = int(length) if length and length.isascii() and length.isdigit() else None
+        try:
+            result = await files.upload(match.group(1).encode("latin-1"), declared, request.stream(),
+                                        caller(request))
+        except ClientDisconnect:
+            return Response(status_code=400)
+        return json_response(result.body())
 
+    # -- listing
 
-@router.post("/api/send_files")
-@router.post("/api/send_files/")
-async def send_files(request: Request) -> Response:
-    storage = _storage(request)
-    config = ctx(request).config
-    content_type = request.headers.get("content-type", "")
-    match = re.search(r"boundary=\"?([^\";,]+)\"?", content_type)
-    if not content_type.lower().startswith("multipart/form-data") or not match:
-        raise BadRequest("send_files takes a multipart/form-data body")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > config.max_upload_bytes:
-        _log_refusal(request, "too large", None)
-        raise PayloadTooLarge(f"the upload is larger than this server accepts ({config.max_upload_bytes} bytes)")
-    receiver = UploadReceiver(storage, config.allowed_extensions, config.max_upload_bytes, config.upload_fsync)
-    try:
-        await receiver.receive(match.group(1).encode("latin-1"), request.stream())
-        result = receiver.place()  # a few renames and mkdirs: cheaper inline than a thread hop
-    except ClientDisconnect:
-        receiver.discard()
-        log.info("upload to %s: the client disconnected; nothing was kept", receiver.fields.get("folder_name"))
-        return Response(status_code=400)
-    except DsmError as exc:
-        receiver.discard()
-        if exc.status_code in (413, 507):
-            _log_refusal(request, exc.message, receiver.fields.get("folder_name"))
-        raise
-    except BaseException:
-        receiver.discard()
-        raise
-    return json_response(result.body())
+    @api.get("/api/list_filenames/{collection:path}", responses={200: {"content": {"application/json": {
+        "schema": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}}}}},
+        **schemas.errors(400, 404)})
+    async def list_filenames(collection: str) -> Response:
+        """Every folder below the collection, empty ones too, with its files; '.' holds the top level."""
+        return json_response(await run_in_threadpool(files.list_tree, collection))
 
+    @api.get("/api/list_files", responses={200: {"content": {"application/json": {}}}, **schemas.errors(400, 404)})
+    @api.get("/api/list_filenames/", include_in_schema=False)
+    @api.get("/api/list_filenames", include_in_schema=False)
+    async def list_files(folder_name: str | None = None) -> Response:
+        """The original's query-string form: `?folder_name=<collection>`."""
+        if not folder_name:
+            raise BadRequest("Must provide folder_name as ?folder_name=your_folder_name")
+        return json_response(await run_in_threadpool(files.list_tree, folder_name))
 
-# -- listing
+    # -- downloading
 
+    @api.get("/api/download/{path:path}", response_class=StreamingResponse,
+             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"},
+                        304: {"description": "not modified"}, **schemas.errors(400, 404, 416)})
+    @api.get("/api/uploads/{path:path}", include_in_schema=False)
+    async def download(request: Request, path: str) -> Response:
+        opened, name = await run_in_threadpool(files.open, path)
+        try:
+            return _file_response(request, opened, name)
+        except BaseException:
+            opened.close()
+            raise
 
-@router.get("/api/list_filenames/{collection:path}")
-async def list_filenames(collection: str, request: Request) -> Response:
-    """Every folder below the collection, empty ones too, with its files; '.' holds the top level."""
-    storage = _storage(request)
-    parts = split_path(collection, "collection")
-    tree = await run_in_threadpool(storage.list_tree, parts)
-    return json_response(tree)
+    # -- line counts and deletion
 
+    @api.get("/api/linecount/", responses={200: {"model": schemas.LinecountAnswer}, **schemas.errors(400, 404)})
+    @api.get("/api/linecount", include_in_schema=False)
+    async def linecount(folder: str | None = None, file: str | None = None) -> Response:
+        """Lines in `folder/file`: progress for services that write one line per item."""
+        return json_response({"lines": await run_in_threadpool(files.count_lines, folder, file)})
 
-@router.get("/api/list_filenames/")
-@router.get("/api/list_filenames")
-@router.get("/api/list_files")
-async def list_files(request: Request) -> Response:
-    """The original's query-string form: `?folder_name=<collection>`."""
-    folder = request.query_params.get("folder_name")
-    if not folder:
-        raise BadRequest("Must provide folder_name as ?folder_name=your_folder_name")
-    return await list_filenames(folder, request)
+    @api.delete("/api/files/{collection:path}", responses={200: {"model": schemas.DeletedAnswer},
+                                                          **schemas.errors(400, 404, 409)})
+    async def delete_collection(request: Request, collection: str) -> Response:
+        deleted = await run_in_threadpool(files.delete_collection, collection)
+        log.info("collection %s deleted at the request of %s", deleted, caller(request))
+        return json_response({"status": "success", "deleted": deleted})
 
-
-def _log_refusal(request: Request, why: str, collection: str | None) -> None:
-    log.error("upload refused (%s) for collection %s from %s", why, collection or "(not yet known)",
-              request.client.host if request.client else "?")
-
-
-# -- downloading
-
-
-@router.get("/api/download/{path:path}")
-@router.get("/api/uploads/{path:path}")
-async def download(path: str, request: Request) -> Response:
-    storage = _storage(request)
-    parts = split_path(path, "path")
-    if len(parts) < 2:
-        raise BadRequest("path must name a file inside a collection: <collection>/<folder>/<file>")
-    opened = await run_in_threadpool(storage.open_file, parts)
-    try:
-        return _file_response(request, opened, parts[-1])
-    except BaseException:
-        os.close(opened.fd)
-        raise
+    return api
 
 
 def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
@@ -131,7 +118,7 @@ def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
     }
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if etag in (request.headers.get("if-none-match") or ""):
-        os.close(opened.fd)
+        opened.close()
         return Response(status_code=304, headers=headers)
     start, end = 0, opened.size
     status = 200
@@ -145,10 +132,21 @@ def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{opened.size}"
     headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
-        os.close(opened.fd)
+        opened.close()
         return Response(status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(_read(opened.fd, start, end), status_code=status, headers=headers,
+    return StreamingResponse(_chunks(opened.read(start, end)), status_code=status, headers=headers,
                              media_type=media_type)
+
+
+async def _chunks(reading: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Each read in a thread; the file closes when the reading ends, however it ends."""
+    try:
+        async for data in iterate_in_threadpool(reading):
+            yield data
+    finally:
+        close = getattr(reading, "close", None)
+        if close is not None:
+            close()
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -167,43 +165,3 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size or end <= start:
         raise RangeNotSatisfiable(f"range {header!r} is outside the file ({size} bytes)", extra={"size": size})
     return start, end
-
-
-async def _read(fd: int, start: int, end: int) -> AsyncIterator[bytes]:
-    try:
-        offset = start
-        while offset < end:
-            data = await run_in_threadpool(os.pread, fd, min(CHUNK, end - offset), offset)
-            if not data:
-                break
-            offset += len(data)
-            yield data
-    finally:
-        os.close(fd)
-
-
-# -- line counts and deletion
-
-
-@router.get("/api/linecount/")
-@router.get("/api/linecount")
-async def linecount(request: Request) -> Response:
-    """Lines in `folder/file`: progress for services that write one line per item."""
-    storage = _storage(request)
-    folder = split_path(request.query_params.get("folder"), "folder")
-    file = split_path(request.query_params.get("file"), "file")
-    lines = await run_in_threadpool(storage.count_lines, (*folder, *file))
-    return json_response({"lines": lines})
-
-
-@router.delete("/api/files/{collection:path}")
-async def delete_collection(collection: str, request: Request) -> Response:
-    storage = _storage(request)
-    context = ctx(request)
-    parts = split_path(collection, "collection", allow_nested=False)
-    in_use = collections_in_use(await run_in_threadpool(context.store.active), context.config)
-    if parts[0] in in_use:
-        raise Conflict(f"collection {display(parts)} is used by a job that is waiting or running")
-    await run_in_threadpool(storage.remove_collection, parts)
-    log.info("collection %s deleted at the request of %s", display(parts), request.client)
-    return json_response({"status": "success", "deleted": display(parts)})

@@ -1,4 +1,4 @@
-"""Small helpers every router shares: the process context, JSON answers, the caller, our own URL."""
+"""Small helpers every router shares: JSON answers and bodies, the caller, our own URL."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..context import AppContext
 from ..errors import BadRequest, PayloadTooLarge
 
-CALLER_KEY = "dsm.caller"
+CALLER_KEY = "dsm.caller"  # the client's address after trusted proxies, set by the access middleware
+TRUSTED_PEER_KEY = "dsm.trusted_peer"  # whether the TCP peer is a trusted proxy, set there too
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a job's arguments; far more than the kernel lets a container take
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*/?")
-
-
-def ctx(request: Request) -> AppContext:
-    context: AppContext = request.app.state.ctx
-    return context
 
 
 def json_response(data: Any, status_code: int = 200) -> Response:
@@ -47,15 +42,14 @@ def base_url(request: Request) -> str:
         f"{request.scope['server'][0]}:{request.scope['server'][1]}" if request.scope.get("server") else "localhost"
     )
     prefix = request.scope.get("root_path", "")
-    client = request.client.host if request.client else None
-    if ctx(request).policy.peer_is_trusted(client):
+    if request.scope.get(TRUSTED_PEER_KEY):
         scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
         host = _first(request.headers.get("x-forwarded-host")) or host
         prefix = _first(request.headers.get("x-forwarded-prefix")) or prefix
     if scheme not in ("http", "https"):
         scheme = "http"
     if not _HOST.fullmatch(host):
-        server = request.scope.get("server") or ("localhost", ctx(request).port)
+        server = request.scope.get("server") or ("localhost", 4000)
         host = f"{server[0]}:{server[1]}"
     prefix = prefix.strip("/")
     prefix = f"/{prefix}" if prefix and _PREFIX.fullmatch(f"/{prefix}") else ""

@@ -7,23 +7,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .http import base_url, ctx, json_body, json_response
-
-router = APIRouter()
-
-
-@router.get("/api/")
-async def list_endpoints(request: Request) -> Response:
-    context = ctx(request)
-    endpoints = ["check_gpu_mem", *context.jobs.endpoints]
-    return json_response({"endpoints": endpoints})
+from ..jobs.service import JobService
+from . import schemas
+from .http import base_url, json_body, json_response
 
 
-@router.post("/api/{endpoint}")
-async def submit(endpoint: str, request: Request) -> Response:
-    """Store the job and answer at once: the queue, not the request, waits for capacity."""
-    body = await json_body(request)
-    context = ctx(request)
-    job = await run_in_threadpool(context.jobs.submit, endpoint, body, dict(request.query_params))
-    result_url = f"{base_url(request)}/api/jobs/{job.id}"
-    return json_response({"key": job.id, "result_url": result_url, "status": job.status.value}, 202)
+def router(jobs: JobService) -> APIRouter:
+    api = APIRouter(tags=["services"])
+
+    @api.get("/api/", responses={200: {"model": schemas.EndpointsAnswer}})
+    async def list_endpoints() -> Response:
+        return json_response({"endpoints": ["check_gpu_mem", *jobs.endpoints]})
+
+    @api.post("/api/{endpoint}", status_code=202, responses={202: {"model": schemas.SubmitAnswer},
+                                                             **schemas.errors(400, 404, 413, 503)},
+              openapi_extra=schemas.json_body(schemas.SubmitBody))
+    async def submit(request: Request, endpoint: str) -> Response:
+        """Store the job and answer at once: the queue, not the request, waits for capacity."""
+        body = await json_body(request)
+        job = await run_in_threadpool(jobs.submit, endpoint, body, dict(request.query_params))
+        result_url = f"{base_url(request)}/api/jobs/{job.id}"
+        return json_response({"key": job.id, "result_url": result_url, "status": job.status.value}, 202)
+
+    return api

@@ -78,13 +78,50 @@ class StagedFile:
             self.path = None
 
 
-@dataclass(frozen=True)
+@contextmanager
+def disk_full_is_507() -> Iterator[None]:
+    """The one place where a full disk (or quota) becomes 507 Insufficient Storage."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise InsufficientStorage("the server's disk is full; nothing was stored") from None
+        raise
+
+
+@dataclass
 class OpenFile:
+    """A file opened safely for reading; it owns its descriptor until `close()`."""
+
     fd: int
     size: int
     mtime: float
     inode: int
     device: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OpenFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, start: int, end: int, chunk: int = 1024 * 1024) -> Iterator[bytes]:
+        """The bytes in [start, end), chunk by chunk; the file is closed when the reading ends."""
+        try:
+            offset = start
+            while offset < end:
+                data = os.pread(self.fd, min(chunk, end - offset), offset)
+                if not data:
+                    break
+                offset += len(data)
+                yield data
+        finally:
+            self.close()
 
 
 class Storage:
@@ -118,13 +155,10 @@ class Storage:
                     if not create:
                         raise NotFound(f"folder {display(parts)} does not exist") from None
                     try:
-                        os.mkdir(part, 0o775, dir_fd=fd)
+                        with disk_full_is_507():
+                            os.mkdir(part, 0o775, dir_fd=fd)
                     except FileExistsError:
                         pass
-                    except OSError as exc:
-                        if exc.errno in NO_SPACE:
-                            raise InsufficientStorage("no space left to create the folder") from None
-                        raise
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except (NotADirectoryError, OSError) as exc:
                     if isinstance(exc, NotADirectoryError) or exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -271,8 +305,7 @@ class Storage:
         Progress polling asks again and again while a file grows, so the count is kept per inode
         and only the bytes appended since the last call are read.
         """
-        opened = self.open_file(parts)
-        try:
+        with self.open_file(parts) as opened:
             key = (opened.device, opened.inode)
             with self._line_lock:
                 cached = self._line_cache.get(key)
@@ -286,8 +319,6 @@ class Storage:
                 self._line_cache[key] = (opened.size, newlines, int(opened.mtime * 1e9))
             last = os.pread(opened.fd, 1, opened.size - 1) if opened.size else b"\n"
             return newlines + (0 if last == b"\n" else 1)
-        finally:
-            os.close(opened.fd)
 
 
 _WC = shutil.which("wc")

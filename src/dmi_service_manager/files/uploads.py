@@ -14,14 +14,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from python_multipart.multipart import MultipartParser
 from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
 from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge
-from .storage import NO_SPACE, Parts, StagedFile, Storage, display, split_path
+from .storage import Parts, StagedFile, Storage, disk_full_is_507, display, split_path
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,8 @@ class UploadReceiver:
             part.refused = True
             self.errors[part.filename] = reason
             return
-        try:
+        with disk_full_is_507():
             part.staged = self.storage.new_staged_file()
-        except OSError as exc:
-            self._disk_error(exc)
 
     def _refusal(self, filename: str, name: str) -> str | None:
         if not name:
@@ -149,22 +147,13 @@ class UploadReceiver:
 
     def _write(self, fd: int, data: memoryview) -> None:
         """Straight to the staged file: no buffer of ours, so no copy and flat memory."""
-        try:
+        with disk_full_is_507():
             while data:
                 data = data[os.write(fd, data):]
-        except OSError as exc:
-            self._disk_error(exc)
 
     def _sync(self, fd: int) -> None:
-        try:
+        with disk_full_is_507():
             os.fsync(fd)
-        except OSError as exc:
-            self._disk_error(exc)
-
-    def _disk_error(self, exc: OSError) -> NoReturn:
-        if exc.errno in NO_SPACE:
-            raise InsufficientStorage("the server's disk is full; the file was not stored") from None
-        raise exc
 
     def discard(self) -> None:
         """Remove every staged file of this request: used on any failure."""
@@ -223,10 +212,8 @@ class UploadReceiver:
                 self.storage.ensure_dir(target)
             else:
                 assert part.staged is not None
-                try:
+                with disk_full_is_507():
                     self.storage.place(part.staged, target, part.name)
-                except OSError as exc:
-                    self._disk_error(exc)
                 part.staged.discard()
                 part.staged = None
             accepted.setdefault(part.field_name, []).append(part.filename or "")

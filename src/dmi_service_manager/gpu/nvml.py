@@ -103,10 +103,6 @@ class GpuInventory:
         self._cache: tuple[float, list[GpuCard] | GpuUnavailable, str] | None = None
         self._lock = threading.Lock()
 
-    @property
-    def declared(self) -> bool:
-        return self.config.gpu_inventory is not None
-
     def cards(self, image: str | None = None) -> tuple[list[GpuCard], str]:
         """(cards, source). Raises GpuUnavailable saying why when no source answers."""
         if self.config.gpu_inventory is not None:

@@ -1,14 +1,23 @@
-"""How a job becomes a container, and how a container's end becomes a job's results."""
+"""The 4CAT workload: how a job becomes one container, and how its end becomes the job's results."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, ServiceConfig
-from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_SERVICE, CapturedLog, ContainerSpec, ContainerState, Mount
-from .model import Job, JobStatus, StopReason
+from ..runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_JOB,
+    LABEL_SERVICE,
+    CapturedLog,
+    ContainerSpec,
+    ContainerState,
+    Mount,
+    argv_too_long,
+)
+from .model import Failure, Job, JobStatus, StopReason, error_results
+from .workload import Ended, StepExit
 
 
 def container_name(instance_id: str, job_id: int) -> str:
@@ -51,24 +60,6 @@ def container_spec(
     )
 
 
-MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argument
-
-
-def argv_too_long(argv: list[str]) -> str:
-    size = sum(len(a.encode()) + 1 for a in argv)
-    return (f"The kernel refused the container's argument list as too long ({len(argv)} arguments, {size} bytes;"
-            f" the limit is about {os.sysconf('SC_ARG_MAX')} bytes, {MAX_ARG_STRLEN} per argument)."
-            " Send fewer files per job.")
-
-
-def check_argv(argv: list[str]) -> str | None:
-    """Why the kernel would refuse to exec this argument list, before a container is made for it."""
-    size = sum(len(a.encode()) + 1 for a in argv)
-    if size > os.sysconf("SC_ARG_MAX") or any(len(a.encode()) >= MAX_ARG_STRLEN for a in argv):
-        return argv_too_long(argv)
-    return None
-
-
 _STOP_MESSAGES = {
     StopReason.TIMEOUT: "stopped",
     StopReason.CANCEL: "cancelled",
@@ -76,10 +67,17 @@ _STOP_MESSAGES = {
 }
 
 
+def stop_failure(job: Job) -> Failure:
+    """The failure kind of a job the server stopped itself."""
+    reason = job.stop_reason or ""
+    return Failure(reason) if reason in Failure._value2member_map_ else Failure.CANCEL
+
+
 @dataclass(frozen=True)
 class Outcome:
     status: JobStatus
     results: dict[str, Any]
+    failure: Failure | None = None
 
 
 def outcome(
@@ -132,4 +130,30 @@ def outcome(
             f"Only the last part of the container's output is kept (stdout: {stdout.total_bytes} bytes written,"
             f" stderr: {stderr.total_bytes} bytes written)."
         )
-    return Outcome(status=JobStatus.ERROR if failed else JobStatus.COMPLETE, results=results)
+    failure = None
+    if failed:
+        failure = (stop_failure(job) if job.stop_reason else Failure.OOM if state.oom_killed
+                   else Failure.ENGINE if docker_outage else Failure.EXIT_CODE)
+    return Outcome(status=JobStatus.ERROR if failed else JobStatus.COMPLETE, results=results, failure=failure)
+
+
+class FourCatWorkload:
+    """A 4CAT job: one container of a configured service, its results in 4CAT's shape."""
+
+    def __init__(self, config: Config, instance_id: str, server_url: str) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.server_url = server_url
+
+    def prepare(self, job: Job) -> None:
+        return None
+
+    def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:
+        return container_spec(job, self.config, self.instance_id, self.server_url, gpu_ids)
+
+    def step_ended(self, job: Job, exit: StepExit) -> Ended:
+        result = outcome(job, exit.state, exit.stdout, exit.stderr, docker_outage=exit.engine_outage)
+        return Ended(status=result.status, results=result.results, failure=result.failure)
+
+    def failed(self, job: Job, message: str, failure: Failure) -> Ended:
+        return Ended(status=JobStatus.ERROR, results=error_results(message), failure=failure)

@@ -24,7 +24,8 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.COMPLETE, JobStatus.ERROR)
 
 
-# Where a job may go from each status; the store refuses anything else.
+# Where a job may go from each status. The store builds the guard of its one status-writing function
+# from this table, so a transition not listed here can never be written.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.CREATED: frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.ERROR}),
     JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.ERROR}),
@@ -34,12 +35,47 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """The statuses from which a job may move to `target`."""
+    return frozenset(status for status, targets in TRANSITIONS.items() if target in targets)
+
+
 class StopReason(enum.StrEnum):
     """Why the server stopped a container itself; decides the message the job ends with."""
 
     TIMEOUT = "timeout"
     CANCEL = "cancel"
     ABANDONED = "abandoned"
+
+
+class Failure(enum.StrEnum):
+    """Why a job ended in error, as a value: TES states and metrics are read from it."""
+
+    EXIT_CODE = "exit_code"  # the container (an executor) exited non-zero
+    OOM = "oom"  # killed for using more memory than it may
+    TIMEOUT = "timeout"
+    CANCEL = "cancel"
+    ABANDONED = "abandoned"
+    START = "start"  # it could not be started: image missing, argv too long, no GPU runtime
+    ENGINE = "engine"  # the engine lost it, or restarted under it
+    INPUT = "input"  # a TES input could not be staged
+    OUTPUT = "output"  # a TES output could not be copied
+    CONFIG = "config"  # the service or GPUs it needs are not (or no longer) configured
+
+    @property
+    def by_executor(self) -> bool:
+        return self in (Failure.EXIT_CODE, Failure.OOM)
+
+    @property
+    def cancelled(self) -> bool:
+        return self in (Failure.CANCEL, Failure.ABANDONED)
+
+
+class Kind(enum.StrEnum):
+    """Which front door a job came through."""
+
+    FOURCAT = "4cat"
+    TES = "tes"
 
 
 @dataclass
@@ -67,6 +103,18 @@ class Job:
     stop_detail: str | None = None
     callback_url: str | None = None
     last_polled_at: float | None = None
+    kind: Kind = Kind.FOURCAT
+    failure: Failure | None = None
+    gpus: int = 1
+    cpus: float | None = None
+    mem_limit: int | None = None
+    step: int = 0  # the executor that runs (or runs next) for a job of several containers
+    # TES fields: the client's id, name and tags, the accepted task document and what was logged.
+    task_id: str | None = None
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)
+    task_log: dict[str, Any] = field(default_factory=dict)
 
     @property
     def holds_capacity(self) -> bool:
@@ -86,6 +134,10 @@ class Job:
             "details": self.details,
             "results": self.results,
         }
+
+    def listed(self) -> dict[str, Any]:
+        """The job in a listing, where 4CAT jobs and TES tasks meet: the wire shape, labelled."""
+        return {**self.wire(), "kind": self.kind.value, "task_id": self.task_id}
 
     def details_dict(self) -> dict[str, Any]:
         try:

@@ -15,10 +15,23 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .model import Job
+from ..config import Config
+from .model import Job, Kind
 
 GIB = 1024**3
+
+
+class _Measured(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def free(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,11 @@ class Card:
     id: str
     total: int
     free: int | None = None  # measured; None when nothing measures it
+
+    @classmethod
+    def of(cls, card: _Measured) -> Card:
+        """A card of the inventory (NVML, declared, nvidia-smi) as placement sees it."""
+        return cls(id=card.id, total=card.total, free=card.free)
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,27 @@ class Demand:
     uses_gpu: bool = False
     gpus: int = 1
     gpu_memory: int | None = None  # None: whole cards
+
+
+def service_demand(config: Config, service: str, *, job_id: int = 0, gpu_memory: int | None = None) -> Demand:
+    """What a job of a configured service needs; `gpu_memory` is the job's own estimate, if any."""
+    settings = config.docker_endpoints[service]
+    return Demand(job_id=job_id, service=service, uses_gpu=config.service_uses_gpu(service), gpus=settings.gpus,
+                  gpu_memory=gpu_memory if gpu_memory is not None else settings.gpu_memory)
+
+
+def uses_gpu(job: Job, config: Config) -> bool:
+    if job.kind is Kind.TES:
+        return config.gpu_enabled and job.gpus > 0
+    return job.service in config.docker_endpoints and config.service_uses_gpu(job.service or "")
+
+
+def demand_of(job: Job, config: Config) -> Demand:
+    """What a stored job needs: a 4CAT job from its service, a TES task from its own resources."""
+    if job.kind is Kind.TES:
+        return Demand(job_id=job.id, service=job.service or "tes", uses_gpu=uses_gpu(job, config),
+                      gpus=max(job.gpus, 1), gpu_memory=job.gpu_memory)
+    return service_demand(config, job.service or "", job_id=job.id, gpu_memory=job.gpu_memory)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The job engine: admission, start, watching, timeouts, stops, and adoption after a restart.
 
 It runs in exactly one process at a time (see leader.py) and is the only code that starts, stops or
-removes containers. The database is the truth: every decision is read from it and written back
-before the next step, so a server killed at any moment picks up where it was. Docker's labels tie
-containers to jobs, and a container's deterministic name stops a job from ever starting twice.
+removes the containers of jobs (the GPU inventory runs its own short nvidia-smi helper). What a
+container means is its job's workload's business (workload.py); the queue, placement and the
+containers' lives are this module's. The database is the truth: every decision is read from it and
+written back before the next step, so a server killed at any moment picks up where it was. Labels
+tie containers to jobs, and a container's deterministic name stops a step from ever starting twice.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from ..gpu.nvml import GpuInventory
 from ..runtime.base import (
     LABEL_INSTANCE,
     LABEL_JOB,
+    LABEL_STEP,
     ContainerExists,
     ContainerState,
     EventStream,
     Runtime,
     StartFailed,
+    check_argv,
+    no_gpu_runtime,
 )
 from . import placement
-from .launch import check_argv, container_spec, outcome
-from .model import Job, JobStatus, StopReason, error_results
+from .launch import stop_failure
+from .model import Failure, Job, JobStatus, Kind, StopReason
 from .store import Store
+from .workload import CannotRun, Ended, NextStep, StepExit, Workload
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ class Scheduler:
         runtime: Runtime,
         gpus: GpuInventory,
         instance_id: str,
-        server_url: str,
+        workloads: dict[Kind, Workload],
         on_final: Any = None,
     ) -> None:
         self.config = config
@@ -71,7 +77,7 @@ class Scheduler:
         self.runtime = runtime
         self.gpus = gpus
         self.instance_id = instance_id
-        self.server_url = server_url
+        self.workloads = workloads
         self.on_final = on_final  # called with a job id once the job is final (webhooks)
         self.labels = {LABEL_INSTANCE: instance_id}
         self._flags = _Flags()
@@ -143,22 +149,22 @@ class Scheduler:
             return  # nothing can start; the queue notes are refreshed once a second below
         cards: list[placement.Card] = []
         gpu_problem = None
-        if any(self._uses_gpu(j) for j in waiting):
-            try:
-                found, _ = self.gpus.cards()
-                cards = [placement.Card(id=c.id, total=c.total, free=c.free) for c in found]
-            except GpuUnavailable as exc:
-                gpu_problem = exc.message
         demands = []
         for job in waiting:
-            if job.service not in self.config.docker_endpoints:
-                self._fail(job, f"The service {job.service!r} is no longer configured on this server.")
+            if job.kind is Kind.FOURCAT and job.service not in self.config.docker_endpoints:
+                self._fail(job, f"The service {job.service!r} is no longer configured on this server.",
+                           Failure.CONFIG)
                 continue
-            demand = self._demand(job)
+            demand = placement.demand_of(job, self.config)
             if demand.uses_gpu:
+                if not cards and gpu_problem is None:
+                    try:
+                        cards = [placement.Card.of(c) for c in self.gpus.cards()[0]]
+                    except GpuUnavailable as exc:
+                        gpu_problem = exc.message
                 reason = gpu_problem or placement.never_fits(demand, cards)
                 if reason:
-                    self._fail(job, f"This job cannot run on this server's GPUs: {reason}.")
+                    self._fail(job, f"This job cannot run on this server's GPUs: {reason}.", Failure.CONFIG)
                     continue
             demands.append(demand)
         limits = placement.Limits(
@@ -192,19 +198,6 @@ class Scheduler:
             self._flags.notes_at = time.monotonic()
         self.store.set_queue_messages(notes)
 
-    def _uses_gpu(self, job: Job) -> bool:
-        return job.service in self.config.docker_endpoints and self.config.service_uses_gpu(job.service or "")
-
-    def _demand(self, job: Job) -> placement.Demand:
-        service = self.config.docker_endpoints[job.service or ""]
-        return placement.Demand(
-            job_id=job.id,
-            service=job.service or "",
-            uses_gpu=self._uses_gpu(job),
-            gpus=service.gpus,
-            gpu_memory=job.gpu_memory if job.gpu_memory is not None else service.gpu_memory,
-        )
-
     def _image_id(self, image: str) -> str:
         """The id the image name stands for now; cached briefly, as every job of a service asks."""
         cached = self._image_ids.get(image)
@@ -219,18 +212,37 @@ class Scheduler:
         return self._gpu_runtime[1]
 
     def _start(self, job: Job, gpu_ids: list[str]) -> None:
+        """A claimed job: its workload's preparation, then its first container. In a pool thread."""
+        try:
+            if job.status == JobStatus.PENDING:  # a running job's start was finished before a crash
+                self.workloads[job.kind].prepare(job)
+            self._launch(job, gpu_ids)
+        except CannotRun as exc:
+            log.warning("job %s could not start: %s", job.id, exc.message)
+            self._fail(job, exc.message, exc.failure)
+        except RuntimeUnavailable as exc:
+            if job.status == JobStatus.PENDING:
+                self.store.release_claim(job.id)  # back in line; the adoption pass sorts out a half start
+            else:
+                with self._lock:
+                    self._flags.reconcile_due = True
+            self._docker_lost(str(exc))
+        except Exception as exc:
+            log.exception("job %s: unexpected error while starting", job.id)
+            self._fail(job, f"The server failed to start this job: {exc}", Failure.START)
+        finally:
+            self._release(job.id)
+
+    def _launch(self, job: Job, gpu_ids: list[str]) -> None:
+        """Create and start the container of the job's current step, never a second one of it."""
         container_id: str | None = None
         try:
-            spec = container_spec(job, self.config, self.instance_id, self.server_url, gpu_ids)
+            spec = self.workloads[job.kind].spec(job, gpu_ids)
             too_long = check_argv(spec.argv)
             if too_long:
                 raise StartFailed(too_long)
             if gpu_ids and self.config.gpu_device_mode == "device_requests" and not self._has_gpu_runtime():
-                raise StartFailed(
-                    "GPU_ENABLED is set but Docker on this server has no GPU runtime (install and configure"
-                    " nvidia-container-toolkit), so this GPU service cannot run. Set gpu: false on the service"
-                    " to run it on the CPU."
-                )
+                raise StartFailed(no_gpu_runtime())
             try:
                 container_id = self.runtime.create(spec)
                 fresh = True
@@ -242,13 +254,18 @@ class Scheduler:
             current = self.store.get(job.id)
             if current is None or current.stop_reason or current.status.final:
                 self.runtime.remove(container_id)
-                if current is not None:
-                    self._fail(current, current.stop_detail or "The job was cancelled before it started.")
+                if current is not None and not current.status.final:
+                    self._fail(current, current.stop_detail or "The job was cancelled before it started.",
+                               stop_failure(current))
                 return
-            details = job.details_dict()
-            details["container"] = {"name": spec.name, "image": spec.image, "image_id": self._image_id(spec.image),
-                                    "argv": spec.argv, "gpu_ids": gpu_ids}
-            self.store.mark_running(job.id, container_id=container_id, gpu_ids=gpu_ids, details=details)
+            if current.status == JobStatus.PENDING:
+                details = job.details_dict()
+                details["container"] = {"name": spec.name, "image": spec.image,
+                                        "image_id": self._image_id(spec.image), "argv": spec.argv,
+                                        "gpu_ids": gpu_ids}
+                self.store.mark_running(job.id, container_id=container_id, gpu_ids=gpu_ids, details=details)
+            else:
+                self.store.set_container(job.id, container_id, current.step)
             if fresh:
                 self.runtime.start(container_id, spec)
                 started = time.time()
@@ -256,20 +273,13 @@ class Scheduler:
                 state = self.runtime.inspect(container_id)
                 started = state.started_at if state and state.started_at else time.time()
             self.store.set_started(job.id, started)
-            log.info("job %s started: container %s on %s", job.id, container_id[:12], gpu_ids or "CPU")
+            log.info("job %s started: container %s (step %s) on %s", job.id, container_id[:12], current.step,
+                     gpu_ids or "CPU")
         except StartFailed as exc:
             log.warning("job %s could not start: %s", job.id, exc)
             if container_id is not None:
                 self._quietly(self.runtime.remove, container_id)
-            self._end(job.id, JobStatus.ERROR, error_results(str(exc)), message=str(exc))
-        except RuntimeUnavailable as exc:
-            self.store.release_claim(job.id)  # back in line; the adoption pass sorts out a half start
-            self._docker_lost(str(exc))
-        except Exception as exc:
-            log.exception("job %s: unexpected error while starting", job.id)
-            self._end(job.id, JobStatus.ERROR, error_results(f"The server failed to start this job: {exc}"))
-        finally:
-            self._release(job.id)
+            self._fail(job, str(exc), Failure.START)
 
     # -- finishing
 
@@ -301,37 +311,54 @@ class Scheduler:
             return
         state = self.runtime.inspect(container_id)
         if state is None:
-            self._end(job_id, JobStatus.ERROR, error_results(
-                "The job's container disappeared (removed outside this server) before its end was recorded."
-            ))
+            self._fail(job, "The job's container disappeared (removed outside this server) before its end was"
+                       " recorded.", Failure.ENGINE)
             return
         if not state.ended:
             return
-        outage = outage or self._in_outage(state.finished_at)
+        if int(state.labels.get(LABEL_STEP, job.step)) != job.step:
+            self.runtime.remove(container_id)  # a step already recorded; a crash kept its container
+            return
         limit = self.config.log_max_bytes
-        stdout = self.runtime.logs(container_id, "stdout", limit)
-        stderr = self.runtime.logs(container_id, "stderr", limit)
-        result = outcome(job, state, stdout, stderr, docker_outage=outage)
+        exit = StepExit(state=state, stdout=self.runtime.logs(container_id, "stdout", limit),
+                        stderr=self.runtime.logs(container_id, "stderr", limit),
+                        engine_outage=outage or self._in_outage(state.finished_at))
+        result = self.workloads[job.kind].step_ended(job, exit)
+        if isinstance(result, NextStep):
+            if job.stop_reason:  # stopped between two steps: the workload says how it ends
+                result = self.workloads[job.kind].failed(job, job.stop_detail or "The job was stopped.",
+                                                         stop_failure(job))
+            else:
+                # The log and the next step first, then the old container goes, then the next one starts:
+                # a crash anywhere in between resumes at the right step (see _reconcile).
+                self.store.advance_step(job_id, result.step, result.task_log)
+                self.runtime.remove(container_id)
+                following = self.store.get(job_id)
+                if following is not None and not following.status.final:
+                    self._launch(following, list(job.gpu_ids))
+                return
         if job.stop_reason:
             # Stopped by us (timeout, cancel): the job says so only once its container is gone.
             self.runtime.remove(container_id)
-            self._end(job_id, result.status, result.results)
+            self._end(job_id, result)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
-            self._end(job_id, result.status, result.results)
+            self._end(job_id, result)
             self.runtime.remove(container_id)
         log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
 
-    def _end(self, job_id: int, status: JobStatus, results: dict[str, Any], message: str | None = None) -> None:
-        if self.store.finish(job_id, status, results, message=message) and self.on_final is not None:
+    def _end(self, job_id: int, ended: Ended, message: str | None = None) -> None:
+        if self.store.finish(job_id, ended.status, ended.results, failure=ended.failure, message=message,
+                             task_log=ended.task_log) and self.on_final is not None:
             try:
                 self.on_final(job_id)
             except Exception:
                 log.exception("job %s: final-state hook failed", job_id)
         self._wake.set()  # capacity was freed
 
-    def _fail(self, job: Job, message: str) -> None:
-        self._end(job.id, JobStatus.ERROR, error_results(message), message=message if not job.started_at else None)
+    def _fail(self, job: Job, message: str, failure: Failure) -> None:
+        ended = self.workloads[job.kind].failed(job, message, failure)
+        self._end(job.id, ended, message=message if not job.started_at else None)
 
     # -- timeouts, cancels, abandoned jobs
 
@@ -340,12 +367,13 @@ class Scheduler:
         for job in waiting:
             if job.stop_reason:  # cancelled while waiting, or while a start was under way
                 if job.id not in self._flags.busy:
-                    self._fail(job, job.stop_detail or "The job was cancelled before it started.")
+                    self._fail(job, job.stop_detail or "The job was cancelled before it started.",
+                               stop_failure(job))
                 continue
             if abandon_after and now - (job.last_polled_at or job.created_at) > abandon_after * 3600:
                 detail = self._abandon_note(abandon_after)
                 log.warning("job %s: %s", job.id, detail)
-                self._fail(job, detail)
+                self._fail(job, detail, Failure.ABANDONED)
         for job in holding:
             if job.status != JobStatus.RUNNING or job.container_id is None:
                 continue
@@ -443,43 +471,62 @@ class Scheduler:
         """
         self._flags.reconcile_due = False
         self._flags.last_reconcile = time.time()
-        containers: dict[int, ContainerState] = {}
+        containers: dict[int, list[ContainerState]] = {}
         for state in self.runtime.list(self.labels):
             label = state.labels.get(LABEL_JOB, "")
             if label.isdigit():
-                containers[int(label)] = state
+                containers.setdefault(int(label), []).append(state)
         for job in holding:
             with self._lock:
                 if job.id in self._flags.busy:
                     continue
-            found = containers.pop(job.id, None)
+            found = None
+            for state in containers.pop(job.id, []):
+                if int(state.labels.get(LABEL_STEP, job.step)) == job.step:
+                    found = state
+                else:  # a step already recorded, whose removal a crash interrupted
+                    self._quietly(self.runtime.remove, state.id)
             if found is None:
-                if job.status == JobStatus.RUNNING:
-                    why = (
-                        (job.stop_detail or "The job was stopped.")  # we removed it after stopping it
-                        if job.stop_reason
-                        else "The job's container vanished (it was removed, or Docker lost it) while this server"
-                        " was not watching; its results are unknown."
-                    )
-                    self._end(job.id, JobStatus.ERROR, error_results(why))
+                if job.status == JobStatus.RUNNING and job.container_id is None and not job.stop_reason:
+                    self._submit(self._launch_task, job)  # between two steps: start the next
+                elif job.status == JobStatus.RUNNING:
+                    if job.stop_reason:  # we removed it after stopping it
+                        self._fail(job, job.stop_detail or "The job was stopped.", stop_failure(job))
+                    else:
+                        self._fail(job, "The job's container vanished (it was removed, or Docker lost it) while"
+                                   " this server was not watching; its results are unknown.", Failure.ENGINE)
                 else:
                     self.store.release_claim(job.id)  # claimed, never created: start it again
                 continue
             if found.status == "created" or job.status != JobStatus.RUNNING:
                 # Created before a crash but maybe never started: finish that start now, never a second one.
-                with self._lock:
-                    self._flags.busy.add(job.id)
-                self._pool.submit(self._start, job, list(job.gpu_ids))
+                self._submit(self._start, job, list(job.gpu_ids))
             elif found.ended:
                 with self._lock:
                     self._flags.exited[job.id] = found.id
             elif job.started_at is None and found.started_at:
                 self.store.set_started(job.id, found.started_at)
-        for job_id, state in containers.items():
+        for job_id, states in containers.items():
             owner = self.store.get(job_id)
             if owner is None or owner.status.final:
-                self._quietly(self.runtime.remove, state.id)
+                for state in states:
+                    self._quietly(self.runtime.remove, state.id)
         self._wake.set()
+
+    def _submit(self, task: Any, job: Job, *args: Any) -> None:
+        with self._lock:
+            self._flags.busy.add(job.id)
+        self._pool.submit(task, job, *args)
+
+    def _launch_task(self, job: Job) -> None:
+        try:
+            self._launch(job, list(job.gpu_ids))
+        except RuntimeUnavailable as exc:
+            self._docker_lost(str(exc))
+        except Exception:
+            log.exception("job %s: could not start its next step; will retry", job.id)
+        finally:
+            self._release(job.id)
 
     # -- helpers
 

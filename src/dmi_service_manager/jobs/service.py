@@ -1,24 +1,29 @@
-"""What the API may ask of the job engine: submit, look up, search, report progress, cancel.
+"""What the API may ask of the job engine: submit, look up, list, search, progress, logs, cancel, GPUs.
 
-It decides and validates; it knows neither HTTP nor Docker. Starting and stopping containers is the
-scheduler's alone: a cancel here only records the request and rings the scheduler's doorbell.
+It decides and validates; it knows neither HTTP nor Docker's concepts. Starting and stopping
+containers is the scheduler's alone: a cancel here only records the request and rings the
+scheduler's doorbell (a waiting job, which has no container, it ends at once).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-from collections.abc import Callable
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from ..config import Config
+from ..config import GPU_DISABLED_REASON, Config
 from ..errors import BadRequest, GpuUnavailable, NotFound
 from ..gpu.nvml import GpuInventory
+from ..runtime.base import Runtime
 from . import placement
-from .model import Job, JobStatus, StopReason, error_results
-from .store import Store
+from .model import Failure, Job, Kind, StopReason
+from .store import NewJob, Store
+from .webhooks import callback_refusal
+from .workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +68,46 @@ def _args(body: dict[str, Any]) -> list[str]:
     return args
 
 
+@dataclass(frozen=True)
+class GpuCheck:
+    """The answer to 4CAT's GPU check, as a value; the route turns it into 4CAT's exact words."""
+
+    outcome: Literal["available", "disabled", "unknown_service", "never_fits", "failed"]
+    reason: str
+    memory: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class JobLogs:
+    """A job's output: the stored text once it is over, else the container's live stream."""
+
+    job: Job
+    stored: str | None
+    live: Iterator[bytes] | None = None
+
+
 class JobService:
-    def __init__(self, config: Config, store: Store, gpus: GpuInventory, ring: Callable[[], None]) -> None:
+    def __init__(self, config: Config, store: Store, gpus: GpuInventory, runtime: Runtime,
+                 workloads: dict[Kind, Workload], ring: Callable[[], None]) -> None:
         self.config = config
         self.store = store
         self.gpus = gpus
+        self.runtime = runtime
+        self.workloads = workloads
         self.ring = ring
         self.endpoints = config.endpoints()
+
+    def enqueue(self, new: NewJob) -> Job:
+        """Store a job in the queue, once it is known that it could ever run here."""
+        if new.kind is Kind.FOURCAT and new.service is not None:
+            if self.config.service_uses_gpu(new.service):
+                self._check_could_ever_fit(placement.service_demand(self.config, new.service))
+        elif self.config.gpu_enabled and new.gpus > 0:
+            self._check_could_ever_fit(placement.Demand(job_id=0, service="tes", uses_gpu=True, gpus=new.gpus,
+                                                        gpu_memory=new.gpu_memory))
+        job = self.store.create(new)
+        self.ring()
+        return job
 
     def submit(self, endpoint: str, body: Any, query: dict[str, str]) -> Job:
         if endpoint not in self.endpoints:
@@ -86,54 +124,115 @@ class JobService:
             raise BadRequest("pass_key must be true or false")
         callback = body.get("callback_url")
         if callback is not None:
-            self._check_callback(callback)
+            refusal = callback_refusal(callback, self.config)
+            if refusal:
+                raise BadRequest(refusal)
         dataset_key = body.get("4CAT_dataset_key")
-        if self.config.service_uses_gpu(service_name):
-            self._check_could_ever_fit(service_name)
-        job = self.store.create(
+        job = self.enqueue(NewJob(
             jobtype=f"/api/{endpoint}",
             details={"request_json": body, "request_args": query},
+            timeout=float(timeout),
             service=service_name,
             mode=mode,
             dataset_key=None if dataset_key is None else str(dataset_key),
-            timeout=float(timeout),
+            gpus=service.gpus,
             gpu_memory=service.gpu_memory,
             callback_url=callback,
-        )
+        ))
         log.info("job %s stored for %s (dataset %s)", job.id, endpoint, dataset_key)
-        self.ring()
         return job
 
-    def _check_could_ever_fit(self, service_name: str) -> None:
-        service = self.config.docker_endpoints[service_name]
+    def _check_could_ever_fit(self, demand: placement.Demand) -> None:
+        service = self.config.docker_endpoints.get(demand.service)
+        image = service.image_name if service is not None else None
         try:
-            cards, _ = self.gpus.cards(service.image_name)
+            cards, _ = self.gpus.cards(image)
         except GpuUnavailable:
             return  # the scheduler ends the job with the reason; the submit itself stays cheap
-        demand = placement.Demand(job_id=0, service=service_name, uses_gpu=True, gpus=service.gpus,
-                                  gpu_memory=service.gpu_memory)
-        cards_ = [placement.Card(id=c.id, total=c.total, free=c.free) for c in cards]
-        reason = placement.never_fits(demand, cards_)
+        reason = placement.never_fits(demand, [placement.Card.of(c) for c in cards])
         if reason:
-            raise GpuUnavailable(f"GPU not available for {service_name}: {reason}")
-
-    def _check_callback(self, url: Any) -> None:
-        if not isinstance(url, str):
-            raise BadRequest("callback_url must be a string")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BadRequest("callback_url must be an http(s) URL")
-        allowed = {h.lower() for h in self.config.callback_allowed_hosts}
-        if parts.hostname.lower() not in allowed:
-            raise BadRequest(
-                f"callback_url host {parts.hostname!r} is not in CALLBACK_ALLOWED_HOSTS on this server"
-            )
+            raise GpuUnavailable(f"GPU not available for {demand.service}: {reason}")
 
     def get(self, job_id: int) -> Job:
         job = self.store.get(job_id) if 0 < job_id < 2**63 else None
         if job is None:
             raise NotFound(f"Job {job_id} not found")
         return job
+
+    def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
+             newest_first: bool = False) -> list[Job]:
+        return self.store.jobs(current=current, limit=limit, offset=offset, newest_first=newest_first)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status; a write transaction first, so that a read-only or locked database shows."""
+        self.store.instance_id()
+        return self.store.counts()
+
+    def collections_in_use(self) -> set[str]:
+        """Upload collections named in the arguments of remote jobs that wait or run.
+
+        Arguments are relative to the container's working directory (normally the parent of
+        `data_path`), so both `data/<c>/x` and `/app/data/<c>/x` name collection `<c>`.
+        """
+        used: set[str] = set()
+        for job in self.store.active():
+            if job.mode != "remote" or job.service not in self.config.docker_endpoints:
+                continue
+            data_path = self.config.docker_endpoints[job.service].data_path.rstrip("/")
+            name = os.path.basename(data_path)
+            prefixes = (data_path + "/", name + "/", "./" + name + "/")
+            request = job.details_dict().get("request_json") or {}
+            for arg in request.get("args") or []:
+                text = str(arg)
+                for prefix in prefixes:
+                    if text.startswith(prefix):
+                        collection = text[len(prefix):].split("/", 1)[0]
+                        if collection:
+                            used.add(collection)
+        return used
+
+    def logs(self, job_id: int, tail: int | None, follow: bool) -> JobLogs:
+        """The container's output while it runs (followed if asked); the stored output once final."""
+        job = self.get(job_id)
+        if job.status.final or job.container_id is None:
+            return JobLogs(job=job, stored=_stored_output(job.results_dict(), tail))
+        return JobLogs(job=job, stored=None, live=iter(self.runtime.follow_logs(job.container_id, tail, follow)))
+
+    def gpu_check(self, service: str) -> GpuCheck:
+        """Whether a job of `service` can get a GPU: 4CAT's check, with real figures and what is queued."""
+        config = self.config
+        if service not in config.docker_endpoints:
+            return GpuCheck("unknown_service", "Service not found")
+        if not config.service_uses_gpu(service):
+            return GpuCheck("disabled", GPU_DISABLED_REASON)
+        try:
+            found, source = self.gpus.cards(config.docker_endpoints[service].image_name)
+        except GpuUnavailable as exc:
+            return GpuCheck("failed", exc.message)
+        cards = [placement.Card.of(c) for c in found]
+        jobs = self.store.active()
+        holding = [placement.Holding.of(j) for j in jobs if j.holds_capacity]
+        reserved = placement.reserved(holding, cards)
+        queued = sum(1 for j in jobs if not j.holds_capacity and placement.uses_gpu(j, config))
+
+        def free(card: placement.Card) -> int:
+            return card.free if card.free is not None else max(card.total - reserved.get(card.id, 0), 0)
+
+        per_card = [{**card.as_dict(), "gpu_free_mem": free(placement.Card.of(card)),
+                     "reserved_mem": reserved.get(card.id, 0)} for card in found]
+        best = max(cards, key=lambda c: (free(c), c.total), default=None)
+        memory = {
+            "gpu_total_mem": best.total if best else 0,
+            "gpu_free_mem": free(best) if best else 0,
+            "gpus": per_card,
+            "source": source,
+            "jobs_running": len(holding),
+            "gpu_jobs_queued": queued,
+        }
+        never = placement.never_fits(placement.service_demand(config, service), cards)
+        if never:
+            return GpuCheck("never_fits", f"GPU not available for {service}: {never}", memory)
+        return GpuCheck("available", "GPU available", memory)
 
     def needs_poll_record(self, job: Job, now: float) -> bool:
         """Whether this poll should be written down (only the abandonment rule reads it, so most are not)."""
@@ -173,9 +272,10 @@ class JobService:
         if job.status.final:
             return job
         detail = f"Cancelled by {who}."
-        waiting = not job.holds_capacity
-        if waiting and self.store.finish(job_id, JobStatus.ERROR, error_results(detail), message=detail,
-                                         only_if_pending=True):
+        ended = self.workloads[job.kind].failed(job, detail, Failure.CANCEL)
+        if not job.holds_capacity and self.store.finish(job_id, ended.status, ended.results, failure=ended.failure,
+                                                        message=detail, only_if_waiting=True,
+                                                        task_log=ended.task_log):
             log.info("job %s cancelled while waiting, by %s", job_id, who)
             self.ring()
             return self.get(job_id)
@@ -183,3 +283,12 @@ class JobService:
             log.info("job %s: cancel requested by %s", job_id, who)
         self.ring()
         return self.get(job_id)
+
+
+def _stored_output(results: dict[str, object] | None, tail: int | None) -> str:
+    if not results:
+        return ""
+    text = "\n".join(str(results.get(key) or "") for key in ("report", "error") if results.get(key))
+    if tail is not None:
+        text = "\n".join(text.splitlines()[-tail:]) if tail else ""
+    return text + ("\n" if text and not text.endswith("\n") else "")

@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model import Job, JobStatus, error_results
+from .model import Failure, Job, JobStatus, Kind, error_results, sources_of
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DATASET_KEY_PATH = ("request_json", "4CAT_dataset_key")
 
 # Column name -> SQL type, beyond the original's (id, created_at, jobtype, completed_at, status,
@@ -41,8 +42,56 @@ _ADDED_COLUMNS = {
     "callback_url": "TEXT",
     "callback_state": "TEXT",
     "last_polled_at": "REAL",
+    # schema 4: a second front door (TES) and the kind of failure
+    "kind": "TEXT",
+    "failure": "TEXT",
+    "gpus": "INTEGER",
+    "cpus": "REAL",
+    "mem_limit": "INTEGER",
+    "step": "INTEGER",
+    "task_id": "TEXT",
+    "name": "TEXT",
+    "tags": "TEXT",
+    "task": "TEXT",
+    "task_log": "TEXT",
 }
 _ACTIVE = "status NOT IN ('complete', 'error')"
+# Columns that a status transition may set besides the status itself.
+_TRANSITION_COLUMNS = frozenset({
+    "results", "completed_at", "message", "container_id", "gpu_ids", "details", "failure", "task_log", "step",
+})
+# A TES state as a condition on the columns it is read from (see tes/states.py).
+TES_STATE_SQL = {
+    "QUEUED": "status = 'pending' AND claimed_at IS NULL AND stop_reason IS NULL",
+    "INITIALIZING": "status = 'pending' AND claimed_at IS NOT NULL AND stop_reason IS NULL",
+    "RUNNING": "status = 'running' AND (stop_reason IS NULL OR stop_reason = 'timeout')",
+    "CANCELING": f"{_ACTIVE} AND stop_reason IN ('cancel', 'abandoned')",
+    "COMPLETE": "status = 'complete'",
+    "EXECUTOR_ERROR": "status = 'error' AND failure IN ('exit_code', 'oom')",
+    "CANCELED": "status = 'error' AND failure IN ('cancel', 'abandoned')",
+    "SYSTEM_ERROR": "status = 'error'"
+                    " AND (failure IS NULL OR failure NOT IN ('exit_code', 'oom', 'cancel', 'abandoned'))",
+}
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """What `GET /tasks` may filter by, as the TES spec defines each."""
+
+    name_prefix: str | None = None
+    state: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: str
+    name: str
+    scope: str
+    salt: bytes
+    digest: bytes
+    created_at: float
+    revoked_at: float | None
 
 
 class Store:
@@ -104,6 +153,13 @@ class Store:
             db.execute("CREATE INDEX IF NOT EXISTS jobs_dataset_key ON jobs (dataset_key)")
             db.execute(f"CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, id) WHERE {_ACTIVE}")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (id) WHERE callback_url IS NOT NULL")
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_tasks ON jobs (id) WHERE kind = 'tes'")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL,"
+                " scope TEXT NOT NULL, salt BLOB NOT NULL, digest BLOB NOT NULL, created_at REAL NOT NULL,"
+                " revoked_at REAL)"
+            )
             if exists and version == 0:
                 notes += self._adopt_original_rows(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -183,25 +239,17 @@ class Store:
 
     # -- writing
 
-    def create(
-        self,
-        *,
-        jobtype: str,
-        details: dict[str, Any],
-        service: str,
-        mode: str,
-        dataset_key: str | None,
-        timeout: float,
-        gpu_memory: int | None,
-        callback_url: str | None,
-    ) -> Job:
+    def create(self, new: NewJob) -> Job:
         now = time.time()
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (created_at, jobtype, status, details, service, mode, dataset_key, timeout,"
-                " gpu_memory, callback_url) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-                (int(now), jobtype, json.dumps(details), service, mode, dataset_key, timeout, gpu_memory,
-                 callback_url),
+                " gpu_memory, callback_url, kind, gpus, cpus, mem_limit, step, task_id, name, tags, task, task_log)"
+                " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                (int(now), new.jobtype, json.dumps(new.details), new.service, new.mode, new.dataset_key,
+                 new.timeout, new.gpu_memory, new.callback_url, new.kind.value, new.gpus, new.cpus, new.mem_limit,
+                 new.task_id, new.name, json.dumps(new.tags) if new.tags else None,
+                 json.dumps(new.task) if new.task else None, json.dumps(new.task_log) if new.task_log else None),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (cursor.lastrowid,)).fetchone()
         return _job(row)
@@ -247,34 +295,68 @@ class Store:
             db.execute("UPDATE jobs SET claimed_at = NULL, gpu_ids = NULL WHERE id = ? AND status = 'pending'",
                        (job_id,))
 
+    def transition(self, job_id: int, to: JobStatus, *, condition: str | None = None, **columns: Any) -> bool:
+        """The one door for status changes: its guard comes from the transition table in model.py.
+
+        `condition` narrows the guard further (SQL on the row); `columns` are written in the same
+        transaction, so a final status never exists without its results.
+        """
+        unknown = set(columns) - _TRANSITION_COLUMNS
+        assert not unknown, f"a transition cannot write {unknown}"
+        sources = ", ".join(f"'{status.value}'" for status in sorted(sources_of(to)))
+        guard = f"status IN ({sources})" + (f" AND {condition}" if condition else "")
+        values = {name: _column_value(value) for name, value in columns.items()}
+        if to.final:
+            values.setdefault("completed_at", int(time.time()))
+        sets = ", ".join(["status = ?", *(f"{name} = ?" for name in values)])
+        with self._write() as db:
+            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {guard}",
+                                (to.value, *values.values(), job_id))
+            return cursor.rowcount > 0
+
     def mark_running(self, job_id: int, *, container_id: str, gpu_ids: list[str], details: dict[str, Any]) -> bool:
         """The container exists; from here 4CAT's progress comes from the service, so our note goes."""
+        return self.transition(job_id, JobStatus.RUNNING, container_id=container_id, gpu_ids=gpu_ids,
+                               details=details, message=None)
+
+    def finish(self, job_id: int, status: JobStatus, results: dict[str, Any], *, failure: Failure | None = None,
+               message: str | None = None, only_if_waiting: bool = False,
+               task_log: dict[str, Any] | None = None) -> bool:
+        """Final status and results in one transaction (a final job with null results crashes 4CAT)."""
+        assert status.final
+        columns: dict[str, Any] = {"results": results, "failure": failure.value if failure else None}
+        if message is not None:
+            columns["message"] = message
+        if task_log is not None:
+            columns["task_log"] = task_log
+        waiting = "status = 'pending' AND claimed_at IS NULL"
+        return self.transition(job_id, status, condition=waiting if only_if_waiting else None, **columns)
+
+    def set_container(self, job_id: int, container_id: str | None, step: int) -> bool:
+        """The container of a running job's current step (a TES task runs one per executor)."""
+        with self._write() as db:
+            cursor = db.execute("UPDATE jobs SET container_id = ?, step = ? WHERE id = ? AND status = 'running'",
+                                (container_id, step, job_id))
+            return cursor.rowcount > 0
+
+    def advance_step(self, job_id: int, step: int, task_log: dict[str, Any]) -> bool:
+        """One executor ended and the next is due: its log and the new step, in one transaction."""
         with self._write() as db:
             cursor = db.execute(
-                "UPDATE jobs SET status = 'running', message = NULL, container_id = ?, gpu_ids = ?, details = ?"
-                " WHERE id = ? AND status = 'pending'",
-                (container_id, json.dumps(gpu_ids), json.dumps(details), job_id),
+                "UPDATE jobs SET step = ?, container_id = NULL, task_log = ? WHERE id = ? AND status = 'running'"
+                " AND step = ?",
+                (step, json.dumps(task_log), job_id, step - 1),
             )
             return cursor.rowcount > 0
 
-    def set_started(self, job_id: int, started_at: float) -> None:
-        """When the container started: timeouts count from here, not from the submit."""
+    def set_task_log(self, job_id: int, task_log: dict[str, Any]) -> None:
         with self._write() as db:
-            db.execute("UPDATE jobs SET started_at = ? WHERE id = ?", (started_at, job_id))
+            db.execute("UPDATE jobs SET task_log = ? WHERE id = ?", (json.dumps(task_log), job_id))
 
-    def finish(self, job_id: int, status: JobStatus, results: dict[str, Any], *, message: str | None = None,
-               only_if_pending: bool = False) -> bool:
-        """Final status and results in one transaction (a final job with null results crashes 4CAT)."""
-        assert status.final
-        condition = "status = 'pending' AND claimed_at IS NULL" if only_if_pending else _ACTIVE
+    def set_started(self, job_id: int, started_at: float) -> None:
+        """When the first container started: timeouts count from here, not from the submit."""
         with self._write() as db:
-            sets = "status = ?, results = ?, completed_at = ?"
-            params: list[Any] = [status.value, json.dumps(results), int(time.time())]
-            if message is not None:
-                sets += ", message = ?"
-                params.append(message)
-            cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ? AND {condition}", (*params, job_id))
-            return cursor.rowcount > 0
+            db.execute("UPDATE jobs SET started_at = ? WHERE id = ? AND started_at IS NULL", (started_at, job_id))
 
     def request_stop(self, job_id: int, reason: str, detail: str) -> bool:
         """Ask the scheduler to stop a job's container; the first reason given is the one kept."""
@@ -303,34 +385,154 @@ class Store:
         return [(int(row["id"]), json.loads(row["callback_state"] or "{}")) for row in rows]
 
 
+    # -- TES tasks
+
+    def get_task(self, task_id: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE task_id = ? AND kind = 'tes'", (task_id,)).fetchone()
+        return _job(row) if row else None
+
+    def tasks(self, where: TaskFilter, *, before: int | None, limit: int, minimal: bool) -> list[Job]:
+        """TES tasks, newest first, below job id `before`. MINIMAL reads only the columns it shows."""
+        clauses = ["kind = 'tes'"]
+        params: list[Any] = []
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        if where.name_prefix:
+            clauses.append("substr(name, 1, ?) = ?")
+            params += [len(where.name_prefix), where.name_prefix]
+        if where.state is not None:
+            clauses.append(f"({TES_STATE_SQL.get(where.state, '0')})")
+        for key, value in where.tags.items():
+            path = "$." + json.dumps(key)
+            if value == "":
+                clauses.append("json_type(tags, ?) IS NOT NULL")
+                params.append(path)
+            else:
+                clauses.append("json_extract(tags, ?) = ? AND json_type(tags, ?) = 'text'")
+                params += [path, value, path]
+        columns = (
+            "id, created_at, jobtype, status, claimed_at, stop_reason, failure, task_id, kind"
+            if minimal else "*"
+        )
+        sql = f"SELECT {columns} FROM jobs WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?"
+        return [_job(row) for row in self._conn().execute(sql, (*params, limit))]
+
+    # -- API tokens
+
+    def add_token(self, row: TokenRow) -> None:
+        with self._write() as db:
+            try:
+                db.execute(
+                    "INSERT INTO tokens (id, name, scope, salt, digest, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (row.id, row.name, row.scope, row.salt, row.digest, row.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a token named {row.name!r} exists already") from None
+
+    def token(self, token_id: str) -> TokenRow | None:
+        found = self._conn().execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return _token(found) if found else None
+
+    def tokens(self) -> list[TokenRow]:
+        return [_token(row) for row in self._conn().execute("SELECT * FROM tokens ORDER BY created_at")]
+
+    def revoke_token(self, name_or_id: str) -> bool:
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+                (time.time(), name_or_id, name_or_id),
+            )
+            return cursor.rowcount > 0
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """Everything a front door decides about a job before it is stored."""
+
+    jobtype: str
+    details: dict[str, Any]
+    timeout: float
+    kind: Kind = Kind.FOURCAT
+    service: str | None = None
+    mode: str | None = None
+    dataset_key: str | None = None
+    gpus: int = 1
+    gpu_memory: int | None = None
+    cpus: float | None = None
+    mem_limit: int | None = None
+    callback_url: str | None = None
+    task_id: str | None = None
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)
+    task_log: dict[str, Any] = field(default_factory=dict)
+
+
+def _column_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
+def _token(row: sqlite3.Row) -> TokenRow:
+    return TokenRow(id=row["id"], name=row["name"], scope=row["scope"], salt=bytes(row["salt"]),
+                    digest=bytes(row["digest"]), created_at=row["created_at"], revoked_at=row["revoked_at"])
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _job(row: sqlite3.Row) -> Job:
+    """A job from a row; a partial row (a MINIMAL listing) leaves the other fields at their defaults."""
+    have = row.keys()
+
+    def col(name: str) -> Any:
+        return row[name] if name in have else None
+
     try:
         status = JobStatus(row["status"])
     except ValueError:
         status = JobStatus.ERROR
-    gpu_ids = json.loads(row["gpu_ids"]) if row["gpu_ids"] else []
+    gpu_ids = json.loads(col("gpu_ids")) if col("gpu_ids") else []
+    failure = col("failure")
     return Job(
         id=row["id"],
         created_at=row["created_at"],
         jobtype=row["jobtype"],
         status=status,
-        completed_at=row["completed_at"],
-        message=row["message"],
-        processed_records=row["processed_records"],
-        details=row["details"] if isinstance(row["details"], str) else "{}",
-        results=row["results"],
-        service=row["service"],
-        mode=row["mode"],
-        dataset_key=row["dataset_key"],
-        timeout=row["timeout"],
-        claimed_at=row["claimed_at"],
-        started_at=row["started_at"],
-        container_id=row["container_id"],
+        completed_at=col("completed_at"),
+        message=col("message"),
+        processed_records=col("processed_records"),
+        details=col("details") if isinstance(col("details"), str) else "{}",
+        results=col("results"),
+        service=col("service"),
+        mode=col("mode"),
+        dataset_key=col("dataset_key"),
+        timeout=col("timeout"),
+        claimed_at=col("claimed_at"),
+        started_at=col("started_at"),
+        container_id=col("container_id"),
         gpu_ids=[str(g) for g in gpu_ids],
-        gpu_memory=row["gpu_memory"],
-        stop_reason=row["stop_reason"],
-        stop_detail=row["stop_detail"],
-        callback_url=row["callback_url"],
-        last_polled_at=row["last_polled_at"],
+        gpu_memory=col("gpu_memory"),
+        stop_reason=col("stop_reason"),
+        stop_detail=col("stop_detail"),
+        callback_url=col("callback_url"),
+        last_polled_at=col("last_polled_at"),
+        kind=Kind.TES if col("kind") == "tes" else Kind.FOURCAT,
+        failure=Failure(failure) if failure in Failure._value2member_map_ else None,
+        gpus=col("gpus") if col("gpus") is not None else 1,
+        cpus=col("cpus"),
+        mem_limit=col("mem_limit"),
+        step=col("step") or 0,
+        task_id=col("task_id"),
+        name=col("name"),
+        tags=_json_object(col("tags")),
+        task=_json_object(col("task")),
+        task_log=_json_object(col("task_log")),
     )
-

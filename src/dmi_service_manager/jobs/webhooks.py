@@ -26,6 +26,18 @@ FIRST_DELAY = 1.0
 TIMEOUT = 10.0
 
 
+def callback_refusal(url: Any, config: Config) -> str | None:
+    """Why this callback_url may not be called, or None: http(s) to a host on CALLBACK_ALLOWED_HOSTS only."""
+    if not isinstance(url, str):
+        return "callback_url must be a string"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "callback_url must be an http(s) URL"
+    if parts.hostname.lower() not in {h.lower() for h in config.callback_allowed_hosts}:
+        return f"callback_url host {parts.hostname!r} is not in CALLBACK_ALLOWED_HOSTS on this server"
+    return None
+
+
 class Webhooks:
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
@@ -65,10 +77,10 @@ class Webhooks:
         attempts = int(state.get("attempts", 0)) + 1
         if job is None or job.callback_url is None:
             return {**state, "done": True, "attempts": attempts, "last_error": "job or callback_url gone"}
-        host = (urlsplit(job.callback_url).hostname or "").lower()
-        if host not in {h.lower() for h in self.config.callback_allowed_hosts}:
-            log.warning("job %s: callback host %s is no longer allowed; not delivering", job_id, host)
-            return {**state, "done": True, "attempts": attempts, "last_error": "host not allowed"}
+        refusal = callback_refusal(job.callback_url, self.config)
+        if refusal:
+            log.warning("job %s: not delivering: %s", job_id, refusal)
+            return {**state, "done": True, "attempts": attempts, "last_error": refusal}
         try:
             response = session.post(job.callback_url, data=json.dumps({"status": "success", "job": job.wire()}),
                                     headers={"Content-Type": "application/json"}, timeout=TIMEOUT,

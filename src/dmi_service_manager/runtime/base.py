@@ -6,7 +6,8 @@ when the engine cannot be reached and StartFailed when a container cannot be mad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,31 @@ from ..errors import RuntimeUnavailable
 LABEL_INSTANCE = "dmi-service-manager.instance"
 LABEL_JOB = "dmi-service-manager.job"
 LABEL_SERVICE = "dmi-service-manager.service"
+LABEL_STEP = "dmi-service-manager.step"  # which executor of a job of several containers
+MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argument
+
+
+def no_gpu_runtime(services: Iterable[str] = ()) -> str:
+    """Why a GPU job cannot run on an engine that cannot hand out GPUs; said at start-up and per job."""
+    names = ", ".join(services)
+    return ("GPU_ENABLED is set but Docker on this server has no GPU runtime (install and configure"
+            " nvidia-container-toolkit), so " + (f"jobs of {names}" if names else "this GPU job") + " cannot run."
+            " Set gpu: false on a service to run it on the CPU.")
+
+
+def argv_too_long(argv: list[str]) -> str:
+    size = sum(len(a.encode()) + 1 for a in argv)
+    return (f"The kernel refused the container's argument list as too long ({len(argv)} arguments, {size} bytes;"
+            f" the limit is about {os.sysconf('SC_ARG_MAX')} bytes, {MAX_ARG_STRLEN} per argument)."
+            " Send fewer files per job.")
+
+
+def check_argv(argv: list[str]) -> str | None:
+    """Why the kernel would refuse to exec this argument list, before a container is made for it."""
+    size = sum(len(a.encode()) + 1 for a in argv)
+    if size > os.sysconf("SC_ARG_MAX") or any(len(a.encode()) >= MAX_ARG_STRLEN for a in argv):
+        return argv_too_long(argv)
+    return None
 
 
 class StartFailed(Exception):
@@ -48,6 +74,7 @@ class ContainerSpec:
     shm_size: int | None = None
     mem_limit: int | None = None
     cpus: float | None = None
+    workdir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +149,7 @@ __all__ = [
     "LABEL_INSTANCE",
     "LABEL_JOB",
     "LABEL_SERVICE",
+    "LABEL_STEP",
     "CapturedLog",
     "ContainerEvent",
     "ContainerExists",
@@ -132,4 +160,7 @@ __all__ = [
     "Runtime",
     "RuntimeUnavailable",
     "StartFailed",
+    "argv_too_long",
+    "check_argv",
+    "no_gpu_runtime",
 ]

@@ -16,7 +16,16 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig
 
 from ..errors import RuntimeUnavailable
-from .base import CapturedLog, ContainerEvent, ContainerExists, ContainerSpec, ContainerState, StartFailed
+from .base import (
+    CapturedLog,
+    ContainerEvent,
+    ContainerExists,
+    ContainerSpec,
+    ContainerState,
+    StartFailed,
+    argv_too_long,
+    no_gpu_runtime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +51,9 @@ def _timestamp(value: str | None) -> float | None:
 def _describe_start_error(message: str, image: str, argv: list[str]) -> str:
     lowered = message.lower()
     if "argument list too long" in lowered or "e2big" in lowered:
-        size = sum(len(a.encode()) + 1 for a in argv)
-        return (f"The container could not start: its argument list is too long for the kernel "
-                f"({len(argv)} arguments, {size} bytes). Send fewer files per job. ({message})")
+        return f"{argv_too_long(argv)} ({message})"
     if "could not select device driver" in lowered or "nvidia" in lowered:
-        return (f"The container could not get a GPU: Docker has no working GPU runtime "
-                f"(install nvidia-container-toolkit, or set the service's gpu: false). ({message})")
+        return f"The container could not get a GPU. {no_gpu_runtime()} ({message})"
     if "no such image" in lowered:
         return f"The image {image!r} is not in the Docker engine; build or pull it first. ({message})"
     return f"The container could not start: {message}"
@@ -141,6 +147,7 @@ class DockerRuntime:
                     labels=spec.labels,
                     environment=environment or None,
                     user=spec.user or "",
+                    working_dir=spec.workdir,
                     host_config=self.api.create_host_config(**host_config),
                 )
             except docker.errors.ImageNotFound:

@@ -1,0 +1,127 @@
+"""The shapes of the HTTP API, for `/openapi.json` and the people who read it.
+
+Hot routes answer with bytes they serialise themselves (4CAT polls by the thousand), so these
+models document the answers rather than validate each one; the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(_Open):
+    status: str = Field("error", examples=["error"])
+    message: str
+    reason: str
+
+
+class JobWire(BaseModel):
+    """A job exactly as 4CAT reads it; `details` and `results` are JSON strings."""
+
+    id: int
+    created_at: int
+    jobtype: str
+    completed_at: int | None
+    status: str = Field(description="created, pending, running (still going); complete, error (final)")
+    message: str | None
+    processed_records: int | None
+    details: str = Field(description='a JSON string: {"request_json": <the submitted body>, "request_args": {...}}')
+    results: str | None = Field(description="a JSON string once final: returncode, error, report, times")
+
+
+class ListedJob(JobWire):
+    kind: str = Field(description="4cat or tes: the front door the job came through")
+    task_id: str | None = Field(description="the TES task id, for a TES task")
+
+
+class PollAnswer(BaseModel):
+    status: str = "success"
+    job: JobWire
+
+
+class JobListAnswer(BaseModel):
+    status: str = "success"
+    jobs: list[ListedJob]
+
+
+class DetailsQueryAnswer(BaseModel):
+    status: str = "success"
+    jobs: list[JobWire]
+
+
+class DetailsQuery(BaseModel):
+    details_key: str = Field(description="a JSON path into the stored details", examples=[
+        "$.request_json.4CAT_dataset_key"])
+    details_value: str | int | float | bool | None
+
+
+class SubmitBody(_Open):
+    """Any other keys are stored too."""
+
+    args: list[str] = Field(default_factory=list, description="the container's arguments, as a list (no shell)")
+    fourcat_dataset_key: str | None = Field(None, alias="4CAT_dataset_key")
+    pass_key: bool | None = Field(None, description="append --database_key <id> --dmi_sm_server <url>")
+    timeout: float | None = Field(None, description="seconds, counted from the container's start")
+    callback_url: str | None = Field(None, description="POSTed the final job (CALLBACK_ALLOWED_HOSTS only)")
+
+
+class SubmitAnswer(BaseModel):
+    key: int
+    result_url: str
+    status: str
+
+
+class CancelAnswer(BaseModel):
+    status: str = "success"
+    job: JobWire
+
+
+class StatusUpdateAnswer(BaseModel):
+    status: str = "success"
+
+
+class EndpointsAnswer(BaseModel):
+    endpoints: list[str]
+
+
+class GpuAnswer(_Open):
+    reason: str
+    memory: dict[str, Any] | None = Field(None, description="gpu_total_mem and gpu_free_mem in bytes, per-card figures")
+
+
+class UploadAnswer(_Open):
+    """`folder_name`, then each field name (the subfolder) with the original names stored there."""
+
+    folder_name: str
+    errors: dict[str, str] | None = None
+
+
+class LinecountAnswer(BaseModel):
+    lines: int
+
+
+class DeletedAnswer(BaseModel):
+    status: str = "success"
+    deleted: str
+
+
+class HealthAnswer(_Open):
+    status: str
+    message: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route documents, all of one shape."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """An `openapi_extra` documenting a JSON body that the route reads itself (leniently, as 4CAT sends it)."""
+    return {"requestBody": {"required": required, "content": {"application/json": {
+        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}

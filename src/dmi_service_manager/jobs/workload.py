@@ -1,0 +1,65 @@
+"""What a kind of job (4CAT's, TES's) tells the scheduler: its containers and what their ends mean.
+
+The scheduler owns the queue, placement and the containers' lives; a workload owns the meaning. A
+4CAT job is one container; a TES task is one container per executor, run in order, with inputs
+staged before the first and outputs collected after the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..runtime.base import CapturedLog, ContainerSpec, ContainerState
+from .model import Failure, Job, JobStatus
+
+
+class CannotRun(Exception):
+    """A job cannot run, for a reason that is not the container's (an input, the image, a limit)."""
+
+    def __init__(self, message: str, failure: Failure) -> None:
+        super().__init__(message)
+        self.message = message
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class StepExit:
+    """How one container ended, with its output."""
+
+    state: ContainerState
+    stdout: CapturedLog
+    stderr: CapturedLog
+    engine_outage: bool = False
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The job is over: its final status, results and, for a TES task, its log."""
+
+    status: JobStatus
+    results: dict[str, Any]
+    failure: Failure | None = None
+    task_log: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """Another container is due: its step number and the log so far."""
+
+    step: int
+    task_log: dict[str, Any]
+
+
+class Workload(Protocol):
+    def prepare(self, job: Job) -> None:
+        """Work before the first container (stage inputs); raises StartFailed saying why it cannot."""
+
+    def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:
+        """The container of the job's current step."""
+
+    def step_ended(self, job: Job, exit: StepExit) -> Ended | NextStep:
+        """What one container's end means for the job."""
+
+    def failed(self, job: Job, message: str, failure: Failure) -> Ended:
+        """The end of a job that failed without a container exit to read (start, engine, cancel)."""
