@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access import AccessPolicy
-from .api import dashboard, files, gpu, health, jobs, services
+from .api import dashboard, files, gpu, health, jobs, services, tes
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
@@ -115,8 +115,9 @@ def create_app(config: Config, port: int) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,
     )
+    tes_router = tes.router(context.tes, context.tokens) if config.tes_enabled else tes.disabled_router()
     for router in (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
-                   health.router(context.health), dashboard.router(), services.router(context.jobs)):
+                   health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs)):
         app.include_router(router)
     # Routes are tried in turn, so the ones 4CAT calls by the thousand go first (a stable sort).
     app.router.routes.sort(key=lambda r: HOT_PATHS.index(getattr(r, "path", "")) if getattr(r, "path", "") in HOT_PATHS

@@ -81,6 +81,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Tokens live in the server's database: made here, on the server's machine, and shown once."""
+    from .errors import DsmError
+    from .jobs.store import Store
+    from .tokens import Tokens
+
+    config = _load(args.config).config
+    store = Store(config.database_file)
+    store.migrate()
+    tokens = Tokens(store)
+    if args.action == "create":
+        try:
+            print(tokens.create(args.name, args.scope))
+        except DsmError as exc:
+            print(f"dsm token: {exc.message}", file=sys.stderr)
+            return 2
+        print(f"token {args.name!r} ({args.scope}) created; it is shown only this once", file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        if not tokens.revoke(args.name):
+            print(f"dsm token: no active token named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"token {args.name!r} revoked", file=sys.stderr)
+        return 0
+    for row in tokens.list():
+        state = "revoked" if row.revoked_at else "active"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.created_at))
+        print(f"{row.name:<24} {row.scope:<7} {state:<8} created {created}  id {row.id}")
+    return 0
+
+
 def cmd_build_service(args: argparse.Namespace) -> int:
     from .runtime.images import build_service
 
@@ -147,7 +178,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     params.update({"limit": str(args.limit), "order": "desc"})
     for job in _get(args.server, "/jobs/", params=params)["jobs"]:
         message = (job.get("message") or "").replace("\n", " ")[:80]
-        print(f"{job['id']:>6}  {job['status']:<8}  {job['jobtype']:<28} {message}")
+        kind = job.get("kind", "4cat")
+        what = f"TES task {job.get('task_id')}" if kind == "tes" else job["jobtype"]
+        print(f"{job['id']:>6}  {kind:<4}  {job['status']:<8}  {what:<28} {message}")
     return 0
 
 
@@ -201,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--offline", action="store_true", help="do not ask Docker about images and GPUs")
     check.set_defaults(func=cmd_check_config)
 
+    token = sub.add_parser("token", help="API tokens (TES, admin actions): create, list, revoke")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("name", nargs="?", help="the token's name (revoke: its name or id)")
+    token.add_argument("--name", dest="name_option", help="the token's name, for create")
+    token.add_argument("--scope", choices=["read", "submit", "admin"], default="submit")
+    token.add_argument("--config", help="config.yml (default: ./config.yml, else the embedded default)")
+    token.set_defaults(func=cmd_token)
+
     build = sub.add_parser("build-service", help="build a bundled service image (e.g. ocr) without a registry")
     build.add_argument("name")
     build.add_argument("--force", action="store_true", help="rebuild even when the recipe is unchanged")
@@ -245,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "token":
+        args.name = args.name_option or args.name
+        if args.action != "list" and not args.name:
+            parser.error(f"dsm token {args.action} needs a name (--name NAME)")
     if getattr(args, "args", None) and args.args[:1] == ["--"]:
         args.args = args.args[1:]
     try:

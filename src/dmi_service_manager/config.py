@@ -181,13 +181,22 @@ class Config(_Model):
     callback_allowed_hosts: list[str] = Field(default_factory=list, alias="CALLBACK_ALLOWED_HOSTS")
     abandon_after_hours: float | None = Field(default=None, gt=0, alias="ABANDON_AFTER_HOURS")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LOG_LEVEL")
+    # The GA4GH TES front door: off unless an admin opens it (see docs/tes.md).
+    tes_enabled: bool = Field(default=False, alias="TES_ENABLED")
+    tes_allowed_images: list[str] = Field(default_factory=list, alias="TES_ALLOWED_IMAGES")
+    tes_file_roots: list[Path] = Field(default_factory=list, alias="TES_FILE_ROOTS")
+    tes_work_path: Path | None = Field(default=None, alias="TES_WORK_PATH")
+    tes_http_allowed_networks: list[str] = Field(default_factory=list, alias="TES_HTTP_ALLOWED_NETWORKS")
+    tes_http_max_bytes: int = Field(default=10 * 1024**3, ge=0, alias="TES_HTTP_MAX_BYTES")
+    tes_http_timeout: float = Field(default=300, gt=0, alias="TES_HTTP_TIMEOUT")
+    tes_default_timeout: float = Field(default=86400, gt=0, alias="TES_DEFAULT_TIMEOUT")
 
-    @field_validator("max_upload_bytes", "log_max_bytes", mode="before")
+    @field_validator("max_upload_bytes", "log_max_bytes", "tes_http_max_bytes", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
-    @field_validator("trusted_proxies", "ip_whitelist")
+    @field_validator("trusted_proxies", "ip_whitelist", "tes_http_allowed_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for item in value:
@@ -196,6 +205,14 @@ class Config(_Model):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
         return [str(item).strip() for item in value]
+
+    @field_validator("tes_file_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        for root in value:
+            if not root.is_absolute() or str(root) == "/":
+                raise ValueError(f"{str(root)!r} must be an absolute folder other than /")
+        return value
 
     @field_validator("allowed_extensions")
     @classmethod
@@ -234,6 +251,11 @@ class Config(_Model):
 
     def server_url(self, port: int) -> str:
         return (self.dmi_sm_server or f"http://localhost:{port}").rstrip("/")
+
+    @property
+    def tes_work_folder(self) -> Path:
+        """Where TES tasks' work areas live: TES_WORK_PATH, else `tes-work` beside the database."""
+        return self.tes_work_path or self.database_file.parent / "tes-work"
 
 
 @dataclass
@@ -313,10 +335,14 @@ def _format_validation(exc: ValidationError) -> str:
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for key in ("DATABASE_FILE", "4CAT_DATASETS_PATH", "UPLOAD_FOLDER_PATH"):
+    for key in ("DATABASE_FILE", "4CAT_DATASETS_PATH", "UPLOAD_FOLDER_PATH", "TES_WORK_PATH"):
         value = data.get(key)
         if isinstance(value, str | Path):
             data[key] = str((base / Path(value).expanduser()).resolve())
+    roots = data.get("TES_FILE_ROOTS")
+    if isinstance(roots, list):  # resolved, so that a URL is compared with the real folder
+        data["TES_FILE_ROOTS"] = [str(Path(r).expanduser().resolve()) if isinstance(r, str) and r.startswith("/")
+                                  else r for r in roots]
 
 
 def _check_folders(config: Config, create: bool) -> list[str]:
@@ -349,6 +375,16 @@ def _check_folders(config: Config, create: bool) -> list[str]:
                 warnings.append(f"DOCKER_ENDPOINTS.{name}.volumes: {host} does not exist on this host")
     if config.gpu_inventory is not None and not config.gpu_enabled:
         warnings.append("GPU_INVENTORY is set but GPU_ENABLED is not, so it is not used")
+    if config.tes_enabled:
+        for root in config.tes_file_roots:
+            if not root.is_dir():
+                raise ConfigError(f"TES_FILE_ROOTS: the folder {root} does not exist")
+        try:
+            config.tes_work_folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"TES_WORK_PATH: cannot create {config.tes_work_folder}: {exc.strerror}") from None
+        if not config.tes_allowed_images:
+            warnings.append("TES_ENABLED is set but TES_ALLOWED_IMAGES is empty, so no TES task can be created")
     return warnings
 
 

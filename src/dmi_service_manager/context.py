@@ -27,6 +27,9 @@ from .jobs.store import Store
 from .jobs.webhooks import Webhooks
 from .jobs.workload import Workload
 from .runtime.docker import DockerRuntime
+from .tes.service import TesService
+from .tes.workload import TesWorkload
+from .tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class AppContext:
     jobs: JobService
     files: FileService
     health: Health
+    tes: TesService
+    tokens: Tokens
     policy: AccessPolicy
     instance_id: str
     doorbell: Doorbell
@@ -65,6 +70,7 @@ class AppContext:
         leadership = Leadership(Path(f"{config.database_file}.scheduler.lock"))
         workloads: dict[Kind, Workload] = {
             Kind.FOURCAT: FourCatWorkload(config, instance_id, config.server_url(port)),
+            Kind.TES: TesWorkload(config, instance_id),
         }
         jobs = JobService(config, store, gpus, runtime, workloads, doorbell.ring)
         files = FileService(config.upload_folder_path, fsync=config.upload_fsync,
@@ -80,6 +86,8 @@ class AppContext:
             jobs=jobs,
             files=files,
             health=Health(config, jobs, runtime, gpus, instance_id, leadership.holder_pid, lambda: False),
+            tes=TesService(config, jobs, store, instance_id),
+            tokens=Tokens(store),
             policy=AccessPolicy(config.ip_whitelist, config.trusted_proxies),
             instance_id=instance_id,
             doorbell=doorbell,

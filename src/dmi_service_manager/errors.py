@@ -32,7 +32,15 @@ class BadRequest(DsmError):
     status_code = 400
 
 
+class Unauthorized(DsmError):
+    """No token, or one this server does not know (or revoked)."""
+
+    status_code = 401
+
+
 class Forbidden(DsmError):
+    """A known caller that may not do this (a token whose scope is too small)."""
+
     status_code = 403
 
 

@@ -309,6 +309,9 @@ class Scheduler:
         if job is None or job.status.final:
             self.runtime.remove(container_id)
             return
+        if job.container_id != container_id:  # an earlier step's container, already recorded
+            self._quietly(self.runtime.remove, container_id)
+            return
         state = self.runtime.inspect(container_id)
         if state is None:
             self._fail(job, "The job's container disappeared (removed outside this server) before its end was"

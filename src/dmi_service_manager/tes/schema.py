@@ -1,0 +1,193 @@
+"""A TES v1.1 task as a client sends it, validated: every refusal names the field it is about.
+
+Paths inside the container become paths in the task's work area on the host, so they are held to
+the same rules as uploaded names: absolute, no `..`, no control characters, and never over the
+places an executor needs from its image (`/`, `/proc`, `/sys`, `/dev`, our own `/.dsm`).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import BadRequest
+
+MAX_CONTENT_BYTES = 1024 * 1024
+WILDCARDS = frozenset("*?[")
+RESERVED = ("/proc", "/sys", "/dev", "/.dsm")
+
+
+def container_path(value: str) -> str:
+    """An absolute path inside the container, in its one normal form."""
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path inside the container, not {value!r}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value) or "\\" in value:
+        raise ValueError("must not contain control characters or backslashes")
+    parts = [p for p in value.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise ValueError(f"must not contain '.' or '..' components: {value!r}")
+    if not parts:
+        raise ValueError("must not be the container's root folder")
+    normal = "/" + "/".join(parts)
+    if any(normal == r or normal.startswith(r + "/") for r in RESERVED):
+        raise ValueError(f"must not be inside {', '.join(RESERVED)}")
+    if len(normal.encode()) > 4096:
+        raise ValueError("is too long")
+    return normal
+
+
+def has_wildcard(path: str) -> bool:
+    return any(ch in WILDCARDS for ch in path)
+
+
+class _Model(BaseModel):
+    # Clients send fields of newer or older versions of the spec; those we do not know are ignored.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Executor(_Model):
+    image: str = Field(min_length=1, max_length=1024)
+    command: list[str] = Field(min_length=1)
+    workdir: str | None = None
+    stdin: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    ignore_error: bool = False
+
+    @field_validator("command")
+    @classmethod
+    def _argv(cls, value: list[str]) -> list[str]:
+        if any("\x00" in item for item in value):
+            raise ValueError("must not contain NUL bytes")
+        return value
+
+    @field_validator("workdir", "stdin", "stdout", "stderr")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return None if value is None else container_path(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not key or "=" in key or "\x00" in key or "\x00" in item:
+                raise ValueError(f"{key!r} is not a usable variable name and value")
+        return value
+
+
+class Input(_Model):
+    name: str | None = None
+    description: str | None = None
+    url: str | None = None
+    path: str
+    type: Literal["FILE", "DIRECTORY"] = "FILE"
+    content: str | None = Field(None, max_length=MAX_CONTENT_BYTES)
+    streamable: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return container_path(value)
+
+    @model_validator(mode="after")
+    def _source(self) -> Input:
+        if self.content is None and not self.url:
+            raise ValueError("needs a url or a content")
+        if self.content is not None and self.type == "DIRECTORY":
+            raise ValueError("a content input is a FILE")
+        if self.content is not None:
+            try:
+                size = len(self.content.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ValueError("content is not valid UTF-8 text (a lone surrogate)") from None
+            if size > MAX_CONTENT_BYTES:
+                raise ValueError(f"content may be at most {MAX_CONTENT_BYTES} bytes")
+        return self
+
+
+class Output(_Model):
+    name: str | None = None
+    description: str | None = None
+    url: str = Field(min_length=1)
+    path: str
+    path_prefix: str | None = None
+    type: Literal["FILE", "DIRECTORY"] = "FILE"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return container_path(value)
+
+    @model_validator(mode="after")
+    def _prefix(self) -> Output:
+        if has_wildcard(self.path):
+            if self.path_prefix is None:
+                raise ValueError("path has wildcards, so path_prefix is required")
+            if not self.path.startswith(self.path_prefix.rstrip("/") + "/"):
+                raise ValueError("path_prefix must be a folder that the path starts with")
+            if has_wildcard(self.path_prefix):
+                raise ValueError("path_prefix must not have wildcards")
+        return self
+
+
+class Resources(_Model):
+    cpu_cores: int | None = Field(None, ge=1, le=4096)
+    preemptible: bool | None = None
+    ram_gb: float | None = Field(None, gt=0, le=1024 * 1024)
+    disk_gb: float | None = Field(None, gt=0, le=1024 * 1024 * 1024)
+    zones: list[str] | None = None
+    backend_parameters: dict[str, str] = Field(default_factory=dict)
+    backend_parameters_strict: bool = False
+
+
+class Task(_Model):
+    name: str | None = Field(None, max_length=4096)
+    description: str | None = None
+    inputs: list[Input] = Field(default_factory=list, max_length=10_000)
+    outputs: list[Output] = Field(default_factory=list, max_length=10_000)
+    resources: Resources | None = None
+    executors: list[Executor] = Field(min_length=1, max_length=1000)
+    volumes: list[str] = Field(default_factory=list, max_length=1000)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[str]) -> list[str]:
+        return [container_path(v) for v in value]
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 1000:
+            raise ValueError("may hold at most 1000 tags")
+        return value
+
+
+def field_name(location: tuple[int | str, ...]) -> str:
+    """`('executors', 0, 'image')` as the field a client wrote: `executors[0].image`."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "task"
+
+
+def parse_task(body: Any) -> Task:
+    """The task, or a BadRequest naming the first field that is wrong and why."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a TES task: a JSON object with at least 'executors'")
+    try:
+        return Task.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = field_name(tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            message = "is required"
+        raise BadRequest(f"{where}: {message}", extra={"field": where}) from None
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(path)

@@ -1,0 +1,269 @@
+"""The TES workload: a task's executors run in order, one container each, in one work area.
+
+Before the first executor (INITIALIZING) the work area is made and the inputs are staged; after the
+last, the outputs are copied out. What happened is kept in the job's `task_log`, written with each
+step, so a restart of this server resumes at the right executor with the log of those before it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shlex
+import shutil
+import socket
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from ..config import Config
+from ..errors import DsmError
+from ..jobs.launch import stop_failure
+from ..jobs.model import Failure, Job, JobStatus, error_results
+from ..jobs.workload import CannotRun, Ended, NextStep, StepExit
+from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec, Mount, StartFailed
+from .images import image_allowed
+from .schema import Output, Task, has_wildcard
+from .transfer import FileRoots, HttpPolicy, TransferFailed, copy_in, copy_out, scheme_of, write_file
+from .workarea import WorkArea, wildcard_base
+
+log = logging.getLogger(__name__)
+
+HELPER_DIR = "/.dsm"
+_BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+# Runs an executor's argv with its redirections. The command is found on the image's PATH by hand,
+# because a static busybox shell would otherwise prefer its own applet of the same name.
+_REDIRECT = (
+    'p="$1"; shift; case "$p" in */*) ;; *) IFS=:; f=""; for d in ${PATH:-/usr/local/sbin:/usr/local/bin:'
+    '/usr/sbin:/usr/bin:/sbin:/bin}; do if [ -f "$d/$p" ] && [ -x "$d/$p" ]; then f="$d/$p"; break; fi; done;'
+    ' unset IFS; [ -n "$f" ] || { echo "$p: command not found" >&2; exit 127; }; p="$f";; esac; exec "$p" "$@"'
+)
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_static_elf(path: str) -> bool:
+    """Whether a binary runs in any image: an ELF file without a program interpreter."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only
+                return False
+            order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
+            offset, size, count = (int.from_bytes(head[0x20:0x28], order), int.from_bytes(head[0x36:0x38], order),
+                                   int.from_bytes(head[0x38:0x3A], order))
+            handle.seek(offset)
+            table = handle.read(size * count)
+    except OSError:
+        return False
+    return all(int.from_bytes(table[i * size:i * size + 4], order) != 3 for i in range(count))  # 3: PT_INTERP
+
+
+def static_busybox() -> str | None:
+    return next((p for p in _BUSYBOX_CANDIDATES if os.path.isfile(p) and _is_static_elf(p)), None)
+
+
+class TesWorkload:
+    def __init__(self, config: Config, instance_id: str) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.roots = FileRoots(config.tes_file_roots)
+        self.http = HttpPolicy.of(config.tes_http_allowed_networks, config.tes_http_max_bytes,
+                                  config.tes_http_timeout)
+
+    def area(self, job: Job) -> WorkArea:
+        return WorkArea.of(Task.model_validate(job.task), self.config.tes_work_folder / str(job.id))
+
+    # -- before the first executor
+
+    def prepare(self, job: Job) -> None:
+        task = Task.model_validate(job.task)
+        for index, wanted in enumerate(task.outputs):
+            if scheme_of(wanted.url) != "file":
+                raise CannotRun(f"outputs[{index}].url: this server cannot store outputs at"
+                                f" {scheme_of(wanted.url)}:// URLs; it serves file:// below TES_FILE_ROOTS",
+                                Failure.OUTPUT)
+        area = WorkArea.of(task, self.config.tes_work_folder / str(job.id))
+        if task.resources and task.resources.disk_gb:
+            self.config.tes_work_folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.config.tes_work_folder).free
+            if free < task.resources.disk_gb * 1e9:
+                raise CannotRun(f"resources.disk_gb asks for {task.resources.disk_gb:g} GB and the work area has"
+                                f" {free / 1e9:.1f} GB free", Failure.INPUT)
+        try:
+            area.create()
+            for index, item in enumerate(task.inputs):
+                self._stage(index, item.model_dump(), area)
+        except TransferFailed as exc:
+            area.remove()
+            raise CannotRun(str(exc), Failure.INPUT) from None
+        except OSError as exc:
+            area.remove()
+            raise CannotRun(f"staging inputs failed: {exc}", Failure.INPUT) from None
+        log.info("task %s (job %s): %d input(s) staged", job.task_id, job.id, len(task.inputs))
+
+    def _stage(self, index: int, item: dict[str, Any], area: WorkArea) -> None:
+        target = area.input_target(item["path"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        field = f"inputs[{index}]"
+        if item.get("content") is not None:
+            write_file(target, [item["content"].encode("utf-8")])
+            return
+        url = item["url"]
+        scheme = scheme_of(url)
+        if scheme == "file":
+            try:
+                source = self.roots.locate(url, f"{field}.url")
+            except DsmError as exc:
+                raise TransferFailed(exc.message) from None
+            copy_in(source, item.get("type") == "DIRECTORY", target)
+        elif scheme in ("http", "https"):
+            if item.get("type") == "DIRECTORY":
+                raise TransferFailed(f"{field}: a DIRECTORY input cannot come from an {scheme}:// URL")
+            self.http.fetch(url, target)
+        else:
+            raise TransferFailed(f"{field}.url: this server cannot fetch {scheme}:// URLs; it serves file://"
+                                 " (below TES_FILE_ROOTS), http:// and https://")
+
+    # -- each executor
+
+    def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:
+        task = Task.model_validate(job.task)
+        executor = task.executors[job.step]
+        if not image_allowed(executor.image, self.config.tes_allowed_images):
+            raise StartFailed(f"executors[{job.step}].image {executor.image!r} is no longer in TES_ALLOWED_IMAGES")
+        area = self.area(job)
+        mounts = area.mounts()
+        entrypoint = list(executor.command)
+        redirects = [(symbol, path) for symbol, path in (("<", executor.stdin), (">", executor.stdout),
+                                                         ("2>", executor.stderr)) if path]
+        if redirects:
+            busybox = static_busybox()
+            if busybox is None:
+                raise StartFailed("this executor redirects stdin, stdout or stderr, which needs a static busybox on"
+                                  " the server (apt-get install busybox-static)")
+            mounts.append(Mount(host=busybox, container=f"{HELPER_DIR}/busybox", read_only=True))
+            script = _REDIRECT + "".join(f" {symbol} {shlex.quote(path)}" for symbol, path in redirects)
+            entrypoint = [f"{HELPER_DIR}/busybox", "sh", "-c", script, "tes-executor", *executor.command]
+        return ContainerSpec(
+            name=f"dsm-{self.instance_id}-{job.id}-{job.step}",
+            image=executor.image,
+            argv=[],
+            entrypoint=entrypoint,
+            labels={LABEL_INSTANCE: self.instance_id, LABEL_JOB: str(job.id), LABEL_STEP: str(job.step)},
+            mounts=mounts,
+            network="bridge",  # never the host's network: a task is the client's code
+            environment=dict(executor.env),
+            gpu_ids=gpu_ids,
+            gpu_mode=self.config.gpu_device_mode,
+            mem_limit=job.mem_limit,
+            cpus=job.cpus,
+            workdir=executor.workdir,
+        )
+
+    def step_ended(self, job: Job, exit: StepExit) -> Ended | NextStep:
+        task = Task.model_validate(job.task)
+        executor = task.executors[job.step]
+        state = exit.state
+        code = state.exit_code if state.exit_code is not None else -1
+        task_log = _started(job)
+        task_log.setdefault("logs", []).append({
+            "start_time": rfc3339(state.started_at),
+            "end_time": rfc3339(state.finished_at),
+            "exit_code": code,
+            "stdout": exit.stdout.text,
+            "stderr": exit.stderr.text,
+        })
+        if job.stop_reason:
+            return self._ended(job, task_log, job.stop_detail or "The task was stopped.", stop_failure(job))
+        if code != 0 and not executor.ignore_error:
+            why = f"executor {job.step} ({executor.image}) exited with code {code}"
+            if state.oom_killed:
+                why += "; it was killed for using more memory than resources.ram_gb allows"
+            if exit.engine_outage:
+                return self._ended(job, task_log, f"{why} while the Docker engine restarted", Failure.ENGINE)
+            return self._ended(job, task_log, why, Failure.OOM if state.oom_killed else Failure.EXIT_CODE,
+                               returncode=code, stderr=exit.stderr.text)
+        if job.step + 1 < len(task.executors):
+            return NextStep(step=job.step + 1, task_log=task_log)
+        try:
+            task_log["outputs"] = self._collect(task, self.area(job))
+        except TransferFailed as exc:
+            return self._ended(job, task_log, f"copying the outputs failed: {exc}", Failure.OUTPUT)
+        task_log["end_time"] = rfc3339(state.finished_at)
+        self.area(job).remove()
+        return Ended(status=JobStatus.COMPLETE, results={"returncode": 0, "error": exit.stderr.text,
+                                                         "report": exit.stdout.text}, task_log=task_log)
+
+    def failed(self, job: Job, message: str, failure: Failure) -> Ended:
+        return self._ended(job, _started(job), message, failure)
+
+    def _ended(self, job: Job, task_log: dict[str, Any], why: str, failure: Failure, *, returncode: int = 1,
+               stderr: str = "") -> Ended:
+        task_log.setdefault("system_logs", []).append(why)
+        task_log["end_time"] = rfc3339(datetime.now(UTC).timestamp())
+        self.area(job).remove()
+        return Ended(status=JobStatus.ERROR, failure=failure, task_log=task_log,
+                     results=error_results(why + (f"\n{stderr}" if stderr else ""), returncode=returncode))
+
+    # -- after the last executor
+
+    def _collect(self, task: Task, area: WorkArea) -> list[dict[str, str]]:
+        copied: list[dict[str, str]] = []
+        for index, output in enumerate(task.outputs):
+            try:
+                copied += self._collect_one(output, area)
+            except DsmError as exc:
+                raise TransferFailed(f"outputs[{index}] ({output.path}): {exc.message}") from None
+            except ValueError as exc:
+                raise TransferFailed(f"outputs[{index}] ({output.path}): {exc}") from None
+        return copied
+
+    def _collect_one(self, output: Output, area: WorkArea) -> list[dict[str, str]]:
+        if has_wildcard(output.path):
+            base = wildcard_base(output.path)
+            pattern = output.path.split("/")
+            prefix = (output.path_prefix or "").rstrip("/")
+            matches = [p for p in _files_below(area, base) if _glob(pattern, p.split("/"))]
+            return [self._copy(area, path, output.url.rstrip("/") + "/" + path[len(prefix):].lstrip("/"))
+                    for path in sorted(matches)]
+        if output.type == "DIRECTORY":
+            return [self._copy(area, path, output.url.rstrip("/") + "/" + path[len(output.path):].lstrip("/"))
+                    for path in sorted(_files_below(area, output.path))]
+        return [self._copy(area, output.path, output.url)]
+
+    def _copy(self, area: WorkArea, path: str, url: str) -> dict[str, str]:
+        storage, parts = area.reader(path)
+        if not parts:
+            raise TransferFailed(f"{path} is a folder; declare the output as a DIRECTORY")
+        size = copy_out(storage, parts, self.roots.locate(url, "output url"))
+        return {"url": url, "path": path, "size_bytes": str(size)}
+
+
+def _started(job: Job) -> dict[str, Any]:
+    task_log = dict(job.task_log)
+    task_log.setdefault("start_time", rfc3339(job.started_at or job.claimed_at))
+    task_log.setdefault("metadata", {"host": socket.gethostname(), "job_id": str(job.id)})
+    return task_log
+
+
+def _files_below(area: WorkArea, folder: str) -> list[str]:
+    """Container paths of the files below `folder`, read from the area without following links."""
+    storage, parts = area.reader(folder)
+    try:
+        tree = storage.list_tree(parts) if parts else storage.list_tree(())
+    except DsmError:
+        return []
+    top = folder.rstrip("/")
+    return [f"{top}/{name}" if sub == "." else f"{top}/{sub}/{name}" for sub, names in tree.items() for name in names]
+
+
+def _glob(pattern: list[str], parts: list[str]) -> bool:
+    """POSIX pathname matching: a wildcard never matches a `/`."""
+    return len(pattern) == len(parts) and all(fnmatch.fnmatchcase(p, q) for q, p in zip(pattern, parts, strict=True))
+
+
