@@ -8,9 +8,10 @@ places an executor needs from its image (`/`, `/proc`, `/sys`, `/dev`, our own `
 from __future__ import annotations
 
 import posixpath
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import BadRequest
 
@@ -36,6 +37,9 @@ def container_path(value: str) -> str:
     if len(normal.encode()) > 4096:
         raise ValueError("is too long")
     return normal
+
+
+ContainerPath = Annotated[str, AfterValidator(container_path)]
 
 
 def has_wildcard(path: str) -> bool:
@@ -95,16 +99,16 @@ class Input(_Model):
     @model_validator(mode="after")
     def _source(self) -> Input:
         if self.content is None and not self.url:
-            raise ValueError("needs a url or a content")
+            raise ValueError("url: an input needs a url or a content")
         if self.content is not None and self.type == "DIRECTORY":
-            raise ValueError("a content input is a FILE")
+            raise ValueError("type: an input with a content is a FILE")
         if self.content is not None:
             try:
                 size = len(self.content.encode("utf-8"))
             except UnicodeEncodeError:
-                raise ValueError("content is not valid UTF-8 text (a lone surrogate)") from None
+                raise ValueError("content: not valid UTF-8 text (a lone surrogate)") from None
             if size > MAX_CONTENT_BYTES:
-                raise ValueError(f"content may be at most {MAX_CONTENT_BYTES} bytes")
+                raise ValueError(f"content: may be at most {MAX_CONTENT_BYTES} bytes")
         return self
 
 
@@ -125,11 +129,11 @@ class Output(_Model):
     def _prefix(self) -> Output:
         if has_wildcard(self.path):
             if self.path_prefix is None:
-                raise ValueError("path has wildcards, so path_prefix is required")
+                raise ValueError("path_prefix: required, because the path has wildcards")
             if not self.path.startswith(self.path_prefix.rstrip("/") + "/"):
-                raise ValueError("path_prefix must be a folder that the path starts with")
+                raise ValueError("path_prefix: must be a folder that the path starts with")
             if has_wildcard(self.path_prefix):
-                raise ValueError("path_prefix must not have wildcards")
+                raise ValueError("path_prefix: must not have wildcards")
         return self
 
 
@@ -150,13 +154,8 @@ class Task(_Model):
     outputs: list[Output] = Field(default_factory=list, max_length=10_000)
     resources: Resources | None = None
     executors: list[Executor] = Field(min_length=1, max_length=1000)
-    volumes: list[str] = Field(default_factory=list, max_length=1000)
+    volumes: list[ContainerPath] = Field(default_factory=list, max_length=1000)
     tags: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("volumes")
-    @classmethod
-    def _volumes(cls, value: list[str]) -> list[str]:
-        return [container_path(v) for v in value]
 
     @field_validator("tags")
     @classmethod
@@ -182,8 +181,12 @@ def parse_task(body: Any) -> Task:
         return Task.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = field_name(tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        location = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = first["msg"].removeprefix("Value error, ")
+        inner = re.match(r"(\w+): (.*)", message) if first["type"] == "value_error" else None
+        if inner:  # a check across fields names the one it is about
+            location, message = (*location, inner.group(1)), inner.group(2)
+        where = field_name(location)
         if first["type"] == "missing":
             message = "is required"
         raise BadRequest(f"{where}: {message}", extra={"field": where}) from None

@@ -171,9 +171,12 @@ class TesWorkload:
         state = exit.state
         code = state.exit_code if state.exit_code is not None else -1
         task_log = _started(job)
+        # Docker may stamp a very short run's start a moment after its end; a log never says so.
+        ended = max(state.finished_at, state.started_at) if state.finished_at and state.started_at \
+            else state.finished_at
         task_log.setdefault("logs", []).append({
             "start_time": rfc3339(state.started_at),
-            "end_time": rfc3339(state.finished_at),
+            "end_time": rfc3339(ended),
             "exit_code": code,
             "stdout": exit.stdout.text,
             "stderr": exit.stderr.text,
@@ -194,7 +197,7 @@ class TesWorkload:
             task_log["outputs"] = self._collect(task, self.area(job))
         except TransferFailed as exc:
             return self._ended(job, task_log, f"copying the outputs failed: {exc}", Failure.OUTPUT)
-        task_log["end_time"] = rfc3339(state.finished_at)
+        task_log["end_time"] = rfc3339(ended)
         self.area(job).remove()
         return Ended(status=JobStatus.COMPLETE, results={"returncode": 0, "error": exit.stderr.text,
                                                          "report": exit.stdout.text}, task_log=task_log)
