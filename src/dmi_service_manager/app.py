@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access import AccessPolicy
-from .api import dashboard, files, gpu, health, jobs, services, tes
+from .api import dashboard, files, gpu, health, jobs, schemas, services, tes
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
@@ -122,6 +122,14 @@ def create_app(config: Config, port: int) -> FastAPI:
     # Routes are tried in turn, so the ones 4CAT calls by the thousand go first (a stable sort).
     app.router.routes.sort(key=lambda r: HOT_PATHS.index(getattr(r, "path", "")) if getattr(r, "path", "") in HOT_PATHS
                            else len(HOT_PATHS))
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = schemas.with_components(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     handlers: dict[Any, Any] = {
         DsmError: _dsm_error,
         HTTPException: _http_error,

@@ -121,7 +121,32 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+# Models that documented bodies refer to, added to the document's components (see `with_components`).
+COMPONENTS: dict[str, Any] = {}
+
+
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
     """An `openapi_extra` documenting a JSON body that the route reads itself (leniently, as 4CAT sends it)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    COMPONENTS.update(schema.pop("$defs", {}))
+    COMPONENTS[model.__name__] = schema
     return {"requestBody": {"required": required, "content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def with_components(document: dict[str, Any]) -> dict[str, Any]:
+    """The generated OpenAPI document, with the models of the bodies that routes read themselves."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in COMPONENTS.items():
+        schemas.setdefault(name, schema)
+    schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+    # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422.
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Bad Request", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return document

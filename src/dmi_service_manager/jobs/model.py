@@ -136,8 +136,16 @@ class Job:
         }
 
     def listed(self) -> dict[str, Any]:
-        """The job in a listing, where 4CAT jobs and TES tasks meet: the wire shape, labelled."""
-        return {**self.wire(), "kind": self.kind.value, "task_id": self.task_id}
+        """The job in a listing, where 4CAT jobs and TES tasks meet: the wire shape, labelled.
+
+        A TES task's output stays behind its tokens: here it shows only how it ended.
+        """
+        shown = {**self.wire(), "kind": self.kind.value, "task_id": self.task_id}
+        results = self.results_dict()
+        if self.kind is Kind.TES and results is not None:
+            shown["results"] = json.dumps({"returncode": results.get("returncode"),
+                                           "error": (results.get("error") or "").split("\n", 1)[0]})
+        return shown
 
     def details_dict(self) -> dict[str, Any]:
         try:

@@ -153,10 +153,14 @@ class JobService:
         if reason:
             raise GpuUnavailable(f"GPU not available for {demand.service}: {reason}")
 
-    def get(self, job_id: int) -> Job:
+    def get(self, job_id: int, *, kind: Kind | None = Kind.FOURCAT) -> Job:
+        """A job by id; one of another kind (a TES task, behind its tokens) is not found here."""
         job = self.store.get(job_id) if 0 < job_id < 2**63 else None
         if job is None:
             raise NotFound(f"Job {job_id} not found")
+        if kind is not None and job.kind is not kind:
+            raise NotFound(f"Job {job_id} is a TES task ({job.task_id}); it is read and cancelled through"
+                           f" /ga4gh/tes/v1/tasks/{job.task_id}")
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
@@ -267,8 +271,8 @@ class JobService:
         if not self.store.update_progress(job_id, message, count) and self.store.get(job_id) is None:
             raise NotFound(f"Job {job_id} not found")
 
-    def cancel(self, job_id: int, who: str) -> Job:
-        job = self.get(job_id)
+    def cancel(self, job_id: int, who: str, *, kind: Kind = Kind.FOURCAT) -> Job:
+        job = self.get(job_id, kind=kind)
         if job.status.final:
             return job
         detail = f"Cancelled by {who}."
@@ -278,11 +282,11 @@ class JobService:
                                                         task_log=ended.task_log):
             log.info("job %s cancelled while waiting, by %s", job_id, who)
             self.ring()
-            return self.get(job_id)
+            return self.get(job_id, kind=kind)
         if self.store.request_stop(job_id, StopReason.CANCEL, detail):
             log.info("job %s: cancel requested by %s", job_id, who)
         self.ring()
-        return self.get(job_id)
+        return self.get(job_id, kind=kind)
 
 
 def _stored_output(results: dict[str, object] | None, tail: int | None) -> str:

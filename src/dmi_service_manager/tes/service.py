@@ -177,7 +177,7 @@ class TesService:
         job = self.store.get_task(task_id)
         if job is None:
             raise NotFound(f"task {task_id!r} not found")
-        self.jobs.cancel(job.id, who)
+        self.jobs.cancel(job.id, who, kind=Kind.TES)
         return {}
 
 

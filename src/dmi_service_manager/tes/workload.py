@@ -157,7 +157,7 @@ class TesWorkload:
             labels={LABEL_INSTANCE: self.instance_id, LABEL_JOB: str(job.id), LABEL_STEP: str(job.step)},
             mounts=mounts,
             network="bridge",  # never the host's network: a task is the client's code
-            environment=dict(executor.env),
+            environment=_environment(executor.env, gpu_ids),
             gpu_ids=gpu_ids,
             gpu_mode=self.config.gpu_device_mode,
             mem_limit=job.mem_limit,
@@ -245,6 +245,13 @@ class TesWorkload:
             raise TransferFailed(f"{path} is a folder; declare the output as a DIRECTORY")
         size = copy_out(storage, parts, self.roots.locate(url, "output url"))
         return {"url": url, "path": path, "size_bytes": str(size)}
+
+
+def _environment(env: dict[str, str], gpu_ids: list[str]) -> dict[str, str]:
+    """The executor's variables, less any that would choose GPUs: a task sees only the cards it was given."""
+    chosen = {k: v for k, v in env.items() if not k.upper().startswith("NVIDIA_")}
+    chosen["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids) if gpu_ids else "void"
+    return chosen
 
 
 def _started(job: Job) -> dict[str, Any]:
