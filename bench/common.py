@@ -165,3 +165,13 @@ def table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
 
 def verdict(ok: bool, text: str) -> str:
     return f"{'met' if ok else 'MISSED'}: {text}"
+
+
+def dsm_token(folder: Path, name: str, scope: str = "submit") -> str:
+    """A new API token from `dsm token create`, against the config that `dsm_server(folder)` wrote."""
+    done = subprocess.run([PYTHON, "-m", "dmi_service_manager", "token", "create", "--config",
+                           str(folder / "config.yml"), "--name", name, "--scope", scope],
+                          cwd=folder, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"dsm token create failed: {done.stderr.strip()}")
+    return done.stdout.strip()

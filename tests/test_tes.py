@@ -1,0 +1,742 @@
+"""GA4GH TES v1.1 under /ga4gh/tes/v1: py-tes round trips on real containers, the shared queue, restarts, the
+views and lists of the spec, and the refusals that keep a TES client inside its roots, networks and images.
+Every 200 answer a test reads through TesApi has been checked against the official OpenAPI description."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import tes
+
+from support import BUSYBOX, Server, containers_of
+from tes_support import (
+    FileServer,
+    Redirect,
+    Tes,
+    TesApi,
+    Unsized,
+    assert_error,
+    container_events,
+    container_with_env,
+    create_token,
+    echo_task,
+    executor_logs,
+    files_holding,
+    open_tes,
+    revoke_token,
+    schema_errors,
+    sleep_task,
+    system_logs,
+    tes_client,
+    tes_config,
+)
+
+JOB_LABEL = "dmi-service-manager.job"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient,
+           busybox_image: str) -> Iterator[Tes]:
+    """One TES server for the tests that need nothing special; each of them names its tasks and files uniquely."""
+    folder = tmp_path_factory.mktemp("tes-shared")
+    server = Server(folder, tes_config(folder, TES_HTTP_ALLOWED_NETWORKS=["127.0.0.1/32"]))
+    try:
+        server.start()
+        yield open_tes(server)
+    finally:
+        server.stop()
+        server.remove_containers(docker_client)
+
+
+@pytest.fixture
+def make_tes(make_server: Callable[..., Server], tmp_path: Path) -> Callable[..., Tes]:
+    count = itertools.count()
+
+    def make(**overrides: Any) -> Tes:
+        folder = tmp_path / f"tes{next(count)}"
+        folder.mkdir()
+        return open_tes(make_server(tes_config(folder, **overrides)))
+
+    return make
+
+
+@pytest.fixture
+def http_files() -> Iterator[Callable[..., FileServer]]:
+    servers: list[FileServer] = []
+
+    def start(host: str = "127.0.0.1", routes: dict[str, bytes | Redirect | Unsized] | None = None) -> FileServer:
+        servers.append(FileServer(host, dict(routes or {})))
+        return servers[-1]
+
+    yield start
+    for one in servers:
+        one.close()
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def executor(*command: str, **fields: Any) -> dict[str, Any]:
+    return {"image": BUSYBOX, "command": list(command), **fields}
+
+
+# -- round trips with py-tes
+
+
+def test_py_tes_runs_an_echo_task_to_complete_with_its_log(shared: Tes) -> None:
+    task_id = shared.client.create_task(tes.Task(
+        name="echo", executors=[tes.Executor(image=BUSYBOX, command=["echo", "hello from tes"])]))
+    assert shared.api.wait(task_id)["state"] == "COMPLETE"
+
+    task = shared.client.get_task(task_id, view="FULL")
+    assert task.id == task_id and task.state == "COMPLETE" and task.name == "echo"
+    assert task.creation_time is not None
+    [task_log] = task.logs
+    [log] = task_log.logs
+    assert log.exit_code == 0 and "hello from tes" in log.stdout
+    assert log.start_time is not None and log.end_time is not None and log.start_time <= log.end_time
+    assert task_log.start_time is not None and task_log.end_time is not None
+    assert shared.client.get_task(task_id, view="MINIMAL").state == "COMPLETE"
+
+
+def test_executors_pass_data_through_a_shared_volume(shared: Tes) -> None:
+    task_id = shared.client.create_task(tes.Task(volumes=["/vol"], executors=[
+        tes.Executor(image=BUSYBOX, command=["sh", "-c", "echo piped through > /vol/x"]),
+        tes.Executor(image=BUSYBOX, command=["sh", "-c", 'cat x; echo "$GREETING"; pwd'], workdir="/vol",
+                     env={"GREETING": "hello there"}),
+    ]))
+    task = shared.api.wait(task_id)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert [log["exit_code"] for log in executor_logs(task)] == [0, 0]
+    assert executor_logs(task)[1]["stdout"] == "piped through\nhello there\n/vol\n"
+
+
+def test_stdin_stdout_and_stderr_are_files_inside_the_container(shared: Tes) -> None:
+    results = shared.root / f"redirect-{unique()}"
+    results.mkdir()
+    task_id = shared.client.create_task(tes.Task(
+        inputs=[tes.Input(path="/in/a.txt", content="one\ntwo\nthree\n")],
+        executors=[tes.Executor(image=BUSYBOX, command=["sh", "-c", "wc -l; echo complaint >&2"],
+                                stdin="/in/a.txt", stdout="/out/count.txt", stderr="/out/err.txt")],
+        outputs=[tes.Output(path="/out/count.txt", url=f"file://{results}/count.txt"),
+                 tes.Output(path="/out/err.txt", url=f"file://{results}/err.txt")],
+    ))
+    assert shared.api.wait(task_id)["state"] == "COMPLETE"
+    assert (results / "count.txt").read_text().strip() == "3"
+    assert (results / "err.txt").read_text() == "complaint\n"
+
+
+def test_inputs_by_content_file_directory_and_http(shared: Tes, http_files: Callable[..., FileServer]) -> None:
+    folder = shared.root / f"in-{unique()}"
+    (folder / "d" / "sub").mkdir(parents=True)
+    (folder / "f.txt").write_text("from a file\n")
+    (folder / "d" / "a.txt").write_text("dir a\n")
+    (folder / "d" / "sub" / "b.txt").write_text("dir b\n")
+    web = http_files(routes={"/h.txt": b"from http\n"})
+
+    task_id = shared.client.create_task(tes.Task(
+        inputs=[tes.Input(path="/in/c.txt", content="from content\n"),
+                tes.Input(url=f"file://{folder}/f.txt", path="/in/f.txt", type="FILE"),
+                tes.Input(url=f"file://{folder}/d", path="/in/d", type="DIRECTORY"),
+                tes.Input(url=web.url("/h.txt"), path="/in/h.txt", type="FILE")],
+        executors=[tes.Executor(image=BUSYBOX, command=["cat", "/in/c.txt", "/in/f.txt", "/in/d/a.txt",
+                                                        "/in/d/sub/b.txt", "/in/h.txt"])],
+    ))
+    task = shared.api.wait(task_id)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert executor_logs(task)[0]["stdout"] == "from content\nfrom a file\ndir a\ndir b\nfrom http\n"
+    assert "GET /h.txt" in web.requests
+    assert [one.get("type", "FILE") for one in task["inputs"]] == ["FILE", "FILE", "DIRECTORY", "FILE"]
+
+
+def test_wildcard_outputs_land_in_the_url_folder_with_their_logs(shared: Tes) -> None:
+    results = shared.root / f"results-{unique()}"
+    task_id = shared.client.create_task(tes.Task(
+        executors=[tes.Executor(image=BUSYBOX, command=[
+            "sh", "-c", "mkdir -p /out && echo one > /out/a.txt && echo three > /out/b.txt && echo no > /out/c.log"])],
+        outputs=[tes.Output(path="/out/*.txt", path_prefix="/out", url=f"file://{results}/", type="FILE")],
+    ))
+    task = shared.api.wait(task_id)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert sorted(p.name for p in results.iterdir()) == ["a.txt", "b.txt"]
+    assert (results / "a.txt").read_text() == "one\n" and (results / "b.txt").read_text() == "three\n"
+    expected = {(f"file://{results}/a.txt", "/out/a.txt", "4"), (f"file://{results}/b.txt", "/out/b.txt", "6")}
+    for view in ("BASIC", "FULL"):
+        logged = shared.api.task(task_id, view)["logs"][0]["outputs"]
+        assert {(o["url"], o["path"], o["size_bytes"]) for o in logged} == expected, view
+    assert {(o.url, o.size_bytes) for o in shared.client.get_task(task_id, "BASIC").logs[0].outputs} == {
+        (f"file://{results}/a.txt", 4), (f"file://{results}/b.txt", 6)}
+
+
+def test_a_failing_executor_ends_the_task_unless_its_error_is_ignored(shared: Tes) -> None:
+    failing = shared.api.create({"executors": [executor("sh", "-c", "echo first; exit 3"),
+                                               executor("echo", "second")]})
+    ignored = shared.api.create({"executors": [executor("sh", "-c", "echo first; exit 3", ignore_error=True),
+                                               executor("echo", "second")]})
+    failed = shared.api.wait(failing)
+    assert failed["state"] == "EXECUTOR_ERROR"
+    assert [log["exit_code"] for log in executor_logs(failed)] == [3]  # the second never ran
+    went_on = shared.api.wait(ignored)
+    assert went_on["state"] == "COMPLETE"
+    assert [log["exit_code"] for log in executor_logs(went_on)] == [3, 0]
+    assert executor_logs(went_on)[1]["stdout"] == "second\n"
+
+
+# -- the queue it shares with 4CAT
+
+
+def test_cancel_a_queued_task_and_a_running_one(make_tes: Callable[..., Tes],
+                                                docker_client: docker.DockerClient) -> None:
+    env = make_tes(MAX_CONCURRENT_JOBS=1)
+    since = time.time()
+    running = env.api.create(sleep_task(60))
+    env.api.wait(running, {"RUNNING"}, 30)
+    queued = env.api.create(echo_task("never"))
+    assert env.api.state(queued) == "QUEUED"
+
+    answer = env.api.cancel(queued)
+    assert answer.status_code == 200 and answer.json() == {}
+    assert env.api.wait(queued, timeout=10)["state"] == "CANCELED"
+    answer = env.api.cancel(running)
+    assert answer.status_code == 200 and answer.json() == {}
+    assert env.api.wait(running, timeout=20)["state"] == "CANCELED"
+    assert containers_of(docker_client, env.server.instance) == []  # CANCELED: its container is gone
+
+    time.sleep(1)  # the freed capacity must not start the cancelled task either
+    assert env.api.state(queued) == "CANCELED"
+    created = container_events(docker_client, env.server.instance, since, ("create",))
+    assert len({event["Actor"]["Attributes"][JOB_LABEL] for event in created}) == 1  # only the running task's
+
+
+def test_gpu_tasks_wait_for_the_one_declared_card(make_tes: Callable[..., Tes],
+                                                  docker_client: docker.DockerClient) -> None:
+    env = make_tes(GPU_ENABLED=True, GPU_INVENTORY=[{"id": "0", "memory": "16GiB"}],
+                   GPU_DEVICE_MODE="environment")
+    whole_card = {"backend_parameters": {"gpus": "1"}}
+    own = unique()
+    first = env.api.create({"executors": [executor("sleep", "3", env={"MARK": own})], "resources": whole_card})
+    env.api.wait(first, {"RUNNING"}, 30)
+    second = env.api.create(echo_task("second", resources=whole_card))
+    container = container_with_env(docker_client, env.server.instance, f"MARK={own}")
+    assert "NVIDIA_VISIBLE_DEVICES=0" in container.attrs["Config"]["Env"]
+
+    seen_running = 0
+    for _ in range(10):
+        second_state = env.api.state(second)
+        if env.api.state(first) == "RUNNING":  # read after: the first held the card when the second was read
+            seen_running += 1
+            assert second_state == "QUEUED"
+        time.sleep(0.1)
+    assert seen_running
+    assert env.api.wait(first)["state"] == "COMPLETE"
+    assert env.api.wait(second)["state"] == "COMPLETE"
+
+
+def test_tes_tasks_and_4cat_jobs_share_one_capacity(make_tes: Callable[..., Tes]) -> None:
+    env = make_tes(MAX_CONCURRENT_JOBS=1)
+    key = env.server.submit("fake_local", ["--sleep", "3"])["key"]
+    env.server.wait_status(key, "running")
+    task_id = env.api.create(echo_task("after 4cat"))
+
+    seen_running = 0
+    for _ in range(10):
+        state = env.api.state(task_id)
+        if env.server.job(key)["status"] == "running":
+            seen_running += 1
+            assert state == "QUEUED"
+        time.sleep(0.1)
+    assert seen_running
+    assert env.server.wait_final(key)["status"] == "complete"
+    assert env.api.wait(task_id)["state"] == "COMPLETE"
+    kinds = [job["kind"] for job in env.server.get("/jobs/").json()["jobs"]]
+    assert sorted(kinds) == ["4cat", "tes"]
+
+
+def test_a_task_survives_a_server_kill_between_its_executors(make_tes: Callable[..., Tes],
+                                                             docker_client: docker.DockerClient) -> None:
+    env = make_tes()
+    since = time.time()
+    task_id = env.api.create({"executors": [executor("sh", "-c", "sleep 3; echo one"), executor("echo", "two")]})
+    env.api.wait(task_id, {"RUNNING"}, 30)
+    env.server.kill()
+    env.server.start()
+    task = env.api.wait(task_id, timeout=40)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    logs = executor_logs(task)
+    assert [log["exit_code"] for log in logs] == [0, 0]
+    assert logs[0]["stdout"] == "one\n" and logs[1]["stdout"] == "two\n"
+    starts = Counter(event["id"] for event in container_events(docker_client, env.server.instance, since,
+                                                                ("start",)))
+    assert len(starts) == 2 and set(starts.values()) == {1}, starts  # one container per executor, started once
+
+
+# -- views and lists
+
+
+def test_views_hold_what_the_spec_says(shared: Tes) -> None:
+    name = f"views-{unique()}"
+    task_id = shared.api.create({
+        "name": name, "inputs": [{"path": "/in/a.txt", "content": "view me\n"}],
+        "executors": [executor("sh", "-c", "cat /in/a.txt; echo grumble >&2")],
+        "resources": {"backend_parameters": {"VmSize": "Standard_D64_v3"}},  # unknown: a system log says so
+    })
+    shared.api.wait(task_id)
+
+    minimal = shared.api.task(task_id, "MINIMAL")
+    assert minimal == {"id": task_id, "state": "COMPLETE"}
+    assert shared.api.call("GET", f"/tasks/{task_id}").json() == minimal  # MINIMAL is the default
+
+    basic = shared.api.task(task_id, "BASIC")
+    assert basic["name"] == name and basic["executors"][0]["command"][0] == "sh"
+    assert basic["inputs"][0]["path"] == "/in/a.txt" and "content" not in basic["inputs"][0]
+    assert executor_logs(basic)[0]["exit_code"] == 0 and "stdout" not in executor_logs(basic)[0]
+    assert "system_logs" not in basic["logs"][0]
+
+    full = shared.api.task(task_id, "FULL")
+    assert full["inputs"][0]["content"] == "view me\n"
+    assert executor_logs(full)[0]["stdout"] == "view me\n" and executor_logs(full)[0]["stderr"] == "grumble\n"
+    assert "VmSize" in system_logs(full)
+
+    for view, one in (("MINIMAL", minimal), ("BASIC", basic), ("FULL", full)):
+        assert shared.api.list({"name_prefix": name, "view": view})["tasks"] == [one]
+    assert_error(shared.api.call("GET", f"/tasks/{task_id}", params={"view": "EVERYTHING"}), 400, "view")
+
+
+def test_lists_filter_by_name_prefix_and_state(shared: Tes) -> None:
+    prefix = f"list-{unique()}"
+    alphas = [shared.api.create(echo_task(name=f"{prefix}-alpha-{i}")) for i in range(2)]
+    beta = shared.api.create({"name": f"{prefix}-beta", "executors": [executor("sh", "-c", "exit 1")]})
+    for task_id in [*alphas, beta]:
+        shared.api.wait(task_id)
+
+    assert shared.api.ids([("name_prefix", f"{prefix}-alpha")]) == alphas[::-1]  # newest first
+    assert shared.api.ids([("name_prefix", prefix)]) == [beta, *alphas[::-1]]
+    assert shared.api.ids([("name_prefix", prefix), ("state", "EXECUTOR_ERROR")]) == [beta]
+    assert shared.api.ids([("name_prefix", prefix), ("state", "COMPLETE")]) == alphas[::-1]
+    assert shared.api.ids([("name_prefix", f"{prefix}-gamma")]) == []
+    complete = shared.api.ids([("state", "COMPLETE")])
+    assert set(alphas) <= set(complete) and beta not in complete
+    assert_error(shared.api.call("GET", "/tasks", params={"state": "DONE"}), 400, "state")
+
+
+# The table of the spec's tag_key/tag_value description, row for row: filter, the task's tags, match?
+TAG_TABLE = [
+    ({"foo": "bar"}, {"foo": "bar"}, True),
+    ({"foo": "bar"}, {"foo": "bat"}, False),
+    ({"foo": ""}, {"foo": ""}, True),
+    ({"foo": "bar", "baz": "bat"}, {"foo": "bar", "baz": "bat"}, True),
+    ({"foo": "bar"}, {"foo": "bar", "baz": "bat"}, True),
+    ({"foo": "bar", "baz": "bat"}, {"foo": "bar"}, False),
+    ({"foo": ""}, {"foo": "bar"}, True),
+    ({"foo": ""}, {}, False),
+]
+
+
+@pytest.mark.parametrize(("wanted", "tags", "match"), TAG_TABLE, ids=[f"row{i}" for i in range(1, 9)])
+def test_tag_filters_follow_the_spec_table(shared: Tes, wanted: dict[str, str], tags: dict[str, str],
+                                           match: bool) -> None:
+    own = unique()  # tag keys of this test's own, so that no other task matches
+
+    def key(name: str) -> str:
+        return f"{name}-{own}"
+
+    task_id = shared.api.create(echo_task(tags={key(k): v for k, v in tags.items()}))
+    query: list[tuple[str, str]] = []
+    for name, value in wanted.items():
+        query.append(("tag_key", key(name)))
+        if value:
+            query.append(("tag_value", value))
+    assert shared.api.ids(query) == ([task_id] if match else [])
+    assert shared.api.task(task_id, "BASIC").get("tags", {}) == {key(k): v for k, v in tags.items()}
+
+
+def test_pages_walk_every_task_once_newest_first(make_tes: Callable[..., Tes]) -> None:
+    env = make_tes(MAX_CONCURRENT_JOBS=1)
+    blocker = env.api.create(sleep_task(60, name="blocker"))
+    env.api.wait(blocker, {"RUNNING"}, 30)
+    created = [blocker] + [env.api.create(echo_task(name=f"page-{i}")) for i in range(299)]  # all but one queued
+
+    first = env.api.list()
+    assert len(first["tasks"]) == 256 and first.get("next_page_token")  # the default page size
+    assert [t["id"] for t in first["tasks"]] == created[::-1][:256]
+    assert env.api.ids(page_size=100) == created[::-1]
+
+    page = env.api.list({"page_size": "100"})
+    later = [env.api.create(echo_task(name="later")) for _ in range(3)]  # new tasks while a client pages
+    seen = [t["id"] for t in page["tasks"]]
+    token = page["next_page_token"]
+    while token:
+        page = env.api.list([("page_size", "100"), ("page_token", token)])
+        seen += [t["id"] for t in page["tasks"]]
+        token = page.get("next_page_token")
+    assert len(seen) == len(set(seen)), "a task came twice"
+    assert set(created) <= set(seen) and set(seen) <= set(created) | set(later)
+
+    huge = env.api.call("GET", "/tasks", params={"page_size": "5000"})
+    assert huge.status_code == 400 or len(huge.json()["tasks"]) <= 2048
+    assert_error(env.api.call("GET", "/tasks", params={"page_size": "many"}), 400, "page_size")
+    assert_error(env.api.call("GET", "/tasks", params={"page_token": "not-a-token"}), 400, "page_token")
+
+
+# -- who may call
+
+
+TES_ROUTES = [("GET", "/service-info"), ("GET", "/tasks"), ("POST", "/tasks"), ("GET", "/tasks/some-id"),
+              ("POST", "/tasks/some-id:cancel")]
+
+
+def test_every_tes_route_is_404_while_tes_is_off(server: Server) -> None:
+    api = TesApi(server, "dsm_whatever")
+    for method, path in TES_ROUTES:
+        assert_error(api.call(method, path, json=echo_task()), 404)
+        assert_error(api.with_token(None).call(method, path, json=echo_task()), 404)
+
+
+def test_tes_routes_need_a_known_token(shared: Tes) -> None:
+    task_id = shared.api.create(echo_task("mine"))
+    before = shared.api.ids()
+    for api in (shared.api.with_token(None), shared.api.with_token("dsm_not-a-token"),
+                shared.api.with_token(shared.token + "x"), shared.api.with_token("")):
+        assert_error(api.call("GET", "/tasks"), 401)
+        assert_error(api.call("POST", "/tasks", json=echo_task()), 401)
+        assert_error(api.call("GET", f"/tasks/{task_id}"), 401)
+        assert_error(api.call("GET", "/tasks/unknown-id"), 401)  # no telling which ids exist
+        assert_error(api.call("POST", f"/tasks/{task_id}:cancel"), 401)
+    for header in (f"Basic {shared.token}", shared.token, f"Bearer{shared.token}"):  # only 'Bearer <token>'
+        assert_error(shared.api.call("GET", "/tasks", headers={"Authorization": header}), 401)
+    assert shared.api.ids() == before
+    assert shared.api.wait(task_id)["state"] == "COMPLETE"  # the refused cancels did nothing
+
+
+def test_a_revoked_token_is_refused(shared: Tes) -> None:
+    name = f"revoke-{unique()}"
+    token = create_token(shared.server, name, "submit")
+    api = shared.api.with_token(token)
+    assert api.call("GET", "/tasks").status_code == 200
+    revoke_token(shared.server, name)
+    assert_error(api.call("GET", "/tasks"), 401)
+    before = shared.api.ids()
+    assert_error(api.call("POST", "/tasks", json=echo_task()), 401)
+    assert shared.api.ids() == before
+
+
+def test_a_read_token_may_look_but_not_submit_or_cancel(shared: Tes) -> None:
+    task_id = shared.api.create(sleep_task(1))
+    reader = shared.api.with_token(create_token(shared.server, f"reader-{unique()}", "read"))
+    assert reader.call("GET", "/tasks").status_code == 200
+    assert reader.task(task_id, "BASIC")["id"] == task_id
+    before = shared.api.ids()
+    assert_error(reader.call("POST", "/tasks", json=echo_task()), 403)
+    assert_error(reader.call("POST", f"/tasks/{task_id}:cancel"), 403)
+    assert shared.api.ids() == before
+    assert shared.api.wait(task_id)["state"] == "COMPLETE"
+
+
+def test_service_info_needs_no_token_and_describes_this_server(shared: Tes) -> None:
+    info = shared.api.with_token(None).service_info()
+    assert info["type"]["artifact"] == "tes" and info["type"]["version"].startswith("1.1")
+    storage = [s.rstrip("/") for s in info["storage"]]
+    assert f"file://{shared.root}" in storage
+    assert {"http", "https"} <= {s.split(":")[0] for s in storage}
+    assert {"gpus", "gpu_memory", "timeout"} <= set(info["tesResources_backend_parameters"])
+    assert tes_client(shared.server, None).get_service_info().type["artifact"] == "tes"
+
+
+def test_the_ip_allow_list_covers_tes_too(make_tes: Callable[..., Tes]) -> None:
+    env = make_tes(IP_WHITELIST=["10.0.0.0/8"])
+    for method, path in TES_ROUTES:
+        assert env.api.call(method, path, json=echo_task()).status_code == 403
+
+
+# -- what a task may not do
+
+
+def test_an_image_outside_the_allow_list_is_refused_naming_the_field(shared: Tes) -> None:
+    before = shared.api.ids()
+    for image in ("alpine:3.20", "dsm-test-busybox:other", "docker.io/library/dsm-test-busybox:latest-x"):
+        assert_error(shared.api.call("POST", "/tasks", json={"executors": [{"image": image, "command": ["true"]}]}),
+                     400, "executors[0].image")
+    second = {"executors": [executor("true"), {"image": "alpine:3.20", "command": ["true"]}]}
+    assert_error(shared.api.call("POST", "/tasks", json=second), 400, "executors[1].image")
+    assert shared.api.ids() == before
+
+
+@pytest.fixture
+def secret(shared: Tes) -> tuple[Path, str]:
+    """A file outside every TES root, beside the shared server's folder, with text that must never leak."""
+    folder = shared.server.tmp_path / f"secret-{unique()}"
+    folder.mkdir()
+    text = f"TOP-SECRET-{unique()}"
+    (folder / "secret.txt").write_text(text + "\n")
+    return folder / "secret.txt", text
+
+
+def refused_or_system_error(env: Tes, body: dict[str, Any]) -> dict[str, Any] | None:
+    """A task the server must not run as asked: a 400 that stores nothing, or a SYSTEM_ERROR that says why."""
+    before = env.api.ids()
+    response = env.api.call("POST", "/tasks", json=body)
+    if response.status_code == 400:
+        assert_error(response, 400)
+        assert env.api.ids() == before
+        return None
+    assert response.status_code == 200, response.text
+    task = env.api.wait(response.json()["id"])
+    assert task["state"] == "SYSTEM_ERROR", task
+    assert system_logs(task).strip(), "a SYSTEM_ERROR without a system log"
+    return task
+
+
+def assert_no_leak(env: Tes, text: str, task: dict[str, Any] | None = None) -> None:
+    assert files_holding(env.work, text) == [] and files_holding(env.root, text) == []
+    if task is not None:
+        for log in executor_logs(env.api.task(task["id"], "FULL")):
+            assert text not in log.get("stdout", "") + log.get("stderr", "")
+
+
+@pytest.mark.parametrize("case", ["outside", "dot-dot", "file-link", "folder-link", "folder-link-as-directory"])
+def test_file_inputs_cannot_read_outside_the_roots(shared: Tes, secret: tuple[Path, str], case: str) -> None:
+    path, text = secret
+    own = unique()
+    (shared.root / f"file-link-{own}").symlink_to(path)
+    (shared.root / f"folder-link-{own}").symlink_to(path.parent, target_is_directory=True)
+    url, kind = {
+        "outside": (f"file://{path}", "FILE"),
+        "dot-dot": (f"file://{shared.root}/../{path.parent.name}/secret.txt", "FILE"),
+        "file-link": (f"file://{shared.root}/file-link-{own}", "FILE"),
+        "folder-link": (f"file://{shared.root}/folder-link-{own}/secret.txt", "FILE"),
+        "folder-link-as-directory": (f"file://{shared.root}/folder-link-{own}", "DIRECTORY"),
+    }[case]
+    task = refused_or_system_error(shared, {
+        "inputs": [{"url": url, "path": "/in/x", "type": kind}],
+        "executors": [executor("sh", "-c", "cat /in/x /in/x/* 2>&1; true")],
+    })
+    assert_no_leak(shared, text, task)
+
+
+def test_a_link_inside_an_input_folder_does_not_lead_out_of_the_root(shared: Tes,
+                                                                      secret: tuple[Path, str]) -> None:
+    path, text = secret
+    folder = shared.root / f"bundle-{unique()}"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("fine\n")
+    (folder / "leak").symlink_to(path)
+    response = shared.api.call("POST", "/tasks", json={
+        "inputs": [{"url": f"file://{folder}", "path": "/in/d", "type": "DIRECTORY"}],
+        "executors": [executor("sh", "-c", "cat /in/d/ok.txt /in/d/leak 2>&1; true")],
+    })
+    task = None
+    if response.status_code != 400:  # refusing the folder is fine; so is staging it without the link's target
+        assert response.status_code == 200, response.text
+        task = shared.api.wait(response.json()["id"])
+    assert_no_leak(shared, text, task)
+
+
+def test_output_urls_outside_the_roots_are_refused(shared: Tes) -> None:
+    outside = shared.server.tmp_path / f"outside-{unique()}"
+    outside.mkdir()
+    before = shared.api.ids()
+    for url in (f"file://{outside}/x.txt", f"file://{shared.root}/../{outside.name}/x.txt", f"file://{outside}/"):
+        body = {"executors": [executor("sh", "-c", "mkdir -p /out; echo x > /out/x.txt")],
+                "outputs": [{"path": "/out/x.txt", "url": url}]}
+        assert_error(shared.api.call("POST", "/tasks", json=body), 400, "outputs[0].url")
+    assert shared.api.ids() == before
+    link = shared.root / f"out-link-{unique()}"
+    link.symlink_to(outside, target_is_directory=True)
+    refused_or_system_error(shared, {"executors": [executor("sh", "-c", "mkdir -p /out; echo x > /out/x.txt")],
+                                     "outputs": [{"path": "/out/x.txt", "url": f"file://{link}/x.txt"}]})
+    assert list(outside.iterdir()) == []
+
+
+def test_an_executor_cannot_make_the_output_copy_read_a_host_file(shared: Tes, secret: tuple[Path, str]) -> None:
+    path, text = secret
+    results = shared.root / f"planted-{unique()}"
+    response = shared.api.call("POST", "/tasks", json={
+        "executors": [executor("sh", "-c", f"mkdir -p /out && ln -s {path} /out/x.txt && ln -s {path.parent} /out/d")],
+        "outputs": [{"path": "/out/x.txt", "url": f"file://{results}/x.txt"},
+                    {"path": "/out/d", "url": f"file://{results}/d", "type": "DIRECTORY"},
+                    {"path": "/out/*", "path_prefix": "/out", "url": f"file://{results}/all/"}],
+    })
+    assert response.status_code == 200, response.text
+    task = shared.api.wait(response.json()["id"])
+    assert task["state"] in ("COMPLETE", "SYSTEM_ERROR")
+    assert_no_leak(shared, text, task)
+    for copied in results.rglob("*") if results.exists() else []:  # nor leave a link out of the root behind
+        assert os.path.realpath(copied).startswith(os.path.realpath(shared.root) + os.sep), copied
+
+
+def test_http_inputs_cannot_reach_loopback_unless_allowed(make_tes: Callable[..., Tes],
+                                                          http_files: Callable[..., FileServer]) -> None:
+    env = make_tes()  # no TES_HTTP_ALLOWED_NETWORKS
+    web = http_files(routes={"/h.txt": b"loopback only\n"})
+    for host in ("127.0.0.1", "localhost", "2130706433", "127.1", "0x7f.0.0.1"):
+        task = refused_or_system_error(env, {"inputs": [{"url": web.url("/h.txt", host), "path": "/in/h.txt"}],
+                                             "executors": [executor("cat", "/in/h.txt")]})
+        assert task is None or "loopback only" not in (executor_logs(task) or [{}])[0].get("stdout", "")
+    assert web.requests == []
+
+
+def test_a_redirect_from_an_allowed_server_to_a_forbidden_one_is_not_followed(
+    make_tes: Callable[..., Tes], http_files: Callable[..., FileServer]
+) -> None:
+    inner = http_files("127.0.0.1", {"/secret": b"inner secret\n"})
+    outer = http_files("127.0.0.2", {"/hop": Redirect("/ok"), "/ok": b"allowed hop\n",
+                                     "/redir": Redirect(inner.url("/secret"))})
+    env = make_tes(TES_HTTP_ALLOWED_NETWORKS=["127.0.0.2/32"])
+
+    allowed = env.api.create({"inputs": [{"url": outer.url("/hop"), "path": "/in/h.txt"}],
+                              "executors": [executor("cat", "/in/h.txt")]})
+    done = env.api.wait(allowed)
+    assert done["state"] == "COMPLETE" and executor_logs(done)[0]["stdout"] == "allowed hop\n"  # a redirect it may take
+
+    refused = env.api.create({"inputs": [{"url": outer.url("/redir"), "path": "/in/h.txt"}],
+                              "executors": [executor("cat", "/in/h.txt")]})
+    task = env.api.wait(refused)
+    assert task["state"] == "SYSTEM_ERROR" and system_logs(task).strip()
+    assert any(r.endswith(" /redir") for r in outer.requests)
+    assert inner.requests == []
+
+
+def test_an_http_input_over_the_size_limit_fails_the_task(make_tes: Callable[..., Tes],
+                                                          http_files: Callable[..., FileServer]) -> None:
+    web = http_files("127.0.0.2", {"/small": b"s" * 100, "/big": b"b" * 5000, "/unsized": Unsized(b"u" * 5000)})
+    env = make_tes(TES_HTTP_ALLOWED_NETWORKS=["127.0.0.2/32"], TES_HTTP_MAX_BYTES="1KiB")
+    ids = {name: env.api.create({"inputs": [{"url": web.url(f"/{name}"), "path": "/in/f"}],
+                                 "executors": [executor("wc", "-c", "/in/f")]})
+           for name in ("small", "big", "unsized")}
+    small = env.api.wait(ids["small"])
+    assert small["state"] == "COMPLETE" and executor_logs(small)[0]["stdout"].split()[0] == "100"
+    for name in ("big", "unsized"):  # unsized: no Content-Length to trust, so the bytes are counted
+        task = env.api.wait(ids[name])
+        assert task["state"] == "SYSTEM_ERROR" and system_logs(task).strip(), name
+    assert files_holding(env.work, "b" * 2000) == [] and files_holding(env.work, "u" * 2000) == []
+
+
+def test_an_unsupported_url_scheme_is_a_system_error_naming_it(shared: Tes) -> None:
+    task_id = shared.api.create({"inputs": [{"url": "s3://bucket/x", "path": "/in/x"}],
+                                 "executors": [executor("cat", "/in/x")]})
+    task = shared.api.wait(task_id)
+    assert task["state"] == "SYSTEM_ERROR"
+    assert "s3" in system_logs(task)
+    assert executor_logs(task) == []  # no executor runs without its inputs
+
+
+def test_a_task_past_its_timeout_is_a_system_error_and_its_container_goes(
+    shared: Tes, docker_client: docker.DockerClient
+) -> None:
+    own = unique()
+    task_id = shared.api.create({"executors": [executor("sleep", "60", env={"MARK": own})],
+                                 "resources": {"backend_parameters": {"timeout": "1"}}})
+    container = container_with_env(docker_client, shared.server.instance, f"MARK={own}")
+    started = time.monotonic()
+    task = shared.api.wait(task_id, timeout=30)
+    assert task["state"] == "SYSTEM_ERROR" and system_logs(task).strip()
+    assert time.monotonic() - started < 20
+    with pytest.raises(docker.errors.NotFound):
+        container.reload()
+
+
+def test_unknown_backend_parameters_are_refused_when_strict_and_logged_otherwise(shared: Tes) -> None:
+    before = shared.api.ids()
+    strict = echo_task(resources={"backend_parameters": {"VmSize": "Standard_D64_v3"},
+                                  "backend_parameters_strict": True})
+    body = assert_error(shared.api.call("POST", "/tasks", json=strict), 400)
+    assert "VmSize" in f"{body['message']} {body.get('reason')}"
+    assert shared.api.ids() == before
+
+    lenient = shared.api.create(echo_task("ran anyway", resources={"backend_parameters": {
+        "VmSize": "Standard_D64_v3", "timeout": "60"}}))
+    task = shared.api.wait(lenient)
+    assert task["state"] == "COMPLETE" and executor_logs(task)[0]["stdout"] == "ran anyway\n"
+    assert "VmSize" in system_logs(task)
+    kept = task.get("resources", {}).get("backend_parameters", {})
+    assert "VmSize" not in kept and kept.get("timeout") == "60"  # unsupported keys are not stored or returned
+
+
+def test_unknown_task_ids_are_404_json(shared: Tes) -> None:
+    assert_error(shared.api.call("GET", "/tasks/no-such-task"), 404)
+    assert_error(shared.api.call("GET", "/tasks/no-such-task", params={"view": "FULL"}), 404)
+    assert_error(shared.api.cancel("no-such-task"), 404)
+
+
+GOOD = executor("true")
+MALFORMED: list[tuple[str, Any, str | None]] = [
+    ("not-json", b"{not json", None),
+    ("a-list", [GOOD], None),
+    ("no-executors", {"name": "x"}, "executors"),
+    ("empty-executors", {"executors": []}, "executors"),
+    ("command-a-string", {"executors": [{"image": BUSYBOX, "command": "echo hi"}]}, "executors[0].command"),
+    ("command-not-strings", {"executors": [{"image": BUSYBOX, "command": ["echo", 1]}]}, "executors[0].command"),
+    ("no-image", {"executors": [{"command": ["true"]}]}, "executors[0].image"),
+    ("relative-input-path", {"executors": [GOOD], "inputs": [{"path": "in/a.txt", "content": "x"}]},
+     "inputs[0].path"),
+    ("input-without-url-or-content", {"executors": [GOOD], "inputs": [{"path": "/in/a.txt"}]}, "inputs[0].url"),
+    ("relative-stdout", {"executors": [{**GOOD, "stdout": "out.txt"}]}, "executors[0].stdout"),
+    ("relative-output-path", {"executors": [GOOD], "outputs": [{"path": "out/x", "url": "file:///tmp/x"}]},
+     "outputs[0].path"),
+    ("wildcard-without-prefix", {"executors": [GOOD], "outputs": [{"path": "/out/*.txt", "url": "file:///tmp/"}]},
+     "outputs[0].path_prefix"),
+    ("relative-volume", {"executors": [GOOD], "volumes": ["vol"]}, "volumes[0]"),
+    ("tags-not-strings", {"executors": [GOOD], "tags": {"a": 1}}, "tags"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), [(b, f) for _, b, f in MALFORMED], ids=[n for n, _, _ in MALFORMED])
+def test_a_malformed_task_is_400_naming_the_field_and_not_stored(shared: Tes, body: Any, field: str | None) -> None:
+    before = shared.api.ids()
+    if isinstance(body, bytes):
+        response = shared.api.call("POST", "/tasks", data=body, headers={"Content-Type": "application/json"})
+    else:
+        response = shared.api.call("POST", "/tasks", json=body)
+    assert_error(response, 400, field)
+    assert shared.api.ids() == before
+
+
+def test_an_executor_gets_no_host_network_privileges_devices_or_outside_mounts(
+    shared: Tes, docker_client: docker.DockerClient
+) -> None:
+    own = unique()
+    results = shared.root / f"inspect-{own}"
+    task_id = shared.api.create({
+        "volumes": ["/vol"], "inputs": [{"path": "/in/a.txt", "content": "a\n"}],
+        "outputs": [{"path": "/out/r.txt", "url": f"file://{results}/r.txt"}],
+        "executors": [executor("sh", "-c", "sleep 2; mkdir -p /out; cat /in/a.txt > /out/r.txt", env={"MARK": own})],
+        "resources": {"cpu_cores": 1, "ram_gb": 0.5},
+    })
+    container = container_with_env(docker_client, shared.server.instance, f"MARK={own}")
+    host = container.attrs["HostConfig"]
+    assert host["NetworkMode"] in ("default", "bridge")
+    assert host["Privileged"] is False
+    assert not host.get("Devices") and not host.get("DeviceRequests")
+    assert not host.get("CapAdd") and host.get("PidMode") != "host" and host.get("IpcMode") != "host"
+    assert host.get("NanoCpus") == 10**9 or (host.get("CpuQuota"), host.get("CpuPeriod")) == (100_000, 100_000)
+    assert host.get("Memory") in (500_000_000, 512 * 1024**2)  # ram_gb 0.5, as GB or as GiB
+    work = os.path.realpath(shared.work)
+    mounts = container.attrs["Mounts"]
+    assert mounts, "the task's work area is not mounted"
+    for mount in mounts:
+        assert mount["Type"] == "bind", mount
+        assert os.path.realpath(mount["Source"]).startswith(work + os.sep), mount
+    task = shared.api.wait(task_id)
+    assert task["state"] == "COMPLETE" and (results / "r.txt").read_text() == "a\n"
+
+
+# -- the schema check itself
+
+
+def test_the_schema_check_catches_a_wrong_answer() -> None:
+    assert schema_errors("tesTask", {"id": "x", "state": "DONE", "executors": [{"image": "i", "command": "c"}]})
+    assert schema_errors("tesServiceInfo", {"id": "x", "name": "n", "version": "1",
+                                            "type": {"group": "org.ga4gh", "artifact": "wes", "version": "1"}})
+    assert schema_errors("tesListTasksResponse", {"tasks": [{"id": "x", "state": "QUEUED"}]})
+    assert not schema_errors("tesListTasksResponse", {"tasks": [{"id": "x", "state": "QUEUED"}]}, minimal=True)
+    assert schema_errors("tesCancelTaskResponse", [])
