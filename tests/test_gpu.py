@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -115,3 +116,25 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
     assert f"NVIDIA_VISIBLE_DEVICES={first[some][0]}" in container.attrs["Config"]["Env"]
     for key in keys:
         assert server.wait_final(key, 30)["status"] == "complete"
+
+
+def test_a_gpu_container_this_server_did_not_start_holds_its_memory(make_server: Callable[..., Server],
+                                                                     tmp_path: Path,
+                                                                     docker_client: docker.DockerClient) -> None:
+    """A container the original left running keeps its GPU busy: it is named in the log and counted."""
+    config = base_config(tmp_path, GPU_ENABLED=True, GPU_DEVICE_MODE="environment",
+                         GPU_INVENTORY=[{"id": 0, "memory": "16GiB"}])
+    config["DOCKER_ENDPOINTS"] = {"whisper": {"image_name": BUSYBOX, "local": True, "command": "fake-service",
+                                              "data_path": "/app/data", "gpu_memory": "10GiB"}}
+    leftover = docker_client.containers.run(BUSYBOX, ["sleep", "120"], detach=True)  # as `docker run --gpus all`
+    try:
+        server = make_server(config)
+        key = server.submit("whisper_local", [])["key"]
+        waiting = wait_until(lambda: (j := server.job(key))["message"] and j, 15, what="a queue note")
+        assert waiting["status"] == "pending" and "10.0 GiB" in waiting["message"]
+        assert leftover.name in server.log() and "not started by this server" in server.log()
+        leftover.remove(force=True)
+        assert server.wait_final(key, 60)["status"] == "complete"
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            leftover.remove(force=True)

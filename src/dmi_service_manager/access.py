@@ -14,8 +14,9 @@ from dataclasses import dataclass
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Containers post progress to /status_update/ from the host itself (host networking).
-LOOPBACK_PATHS = ("/status_update",)
+# Containers post progress to /status_update/ from the host itself (host networking): exactly that
+# route, from loopback, is open whatever IP_WHITELIST says.
+LOOPBACK_PATHS = frozenset({"/status_update", "/status_update/"})
 
 
 def _networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -69,9 +70,22 @@ class AccessPolicy:
         parsed = _address(address)
         if parsed is None:
             return False
-        if parsed.is_loopback and path.startswith(LOOPBACK_PATHS):
+        if parsed.is_loopback and path in LOOPBACK_PATHS:
             return True
         return any(parsed in net for net in self.whitelist)
+
+    def may_connect(self, peer: str) -> bool:
+        """Whether a TCP peer may hold a connection at all: refused hosts are dropped before any request.
+
+        A trusted proxy speaks for others, and loopback may always post progress, so both get as far
+        as the request, where `allows` decides.
+        """
+        if not self.whitelist:
+            return True
+        address = _address(peer)
+        if address is None:
+            return True  # a Unix socket: the file's permissions decide
+        return address.is_loopback or self._is_trusted(address) or any(address in net for net in self.whitelist)
 
     def peer_is_trusted(self, peer: str | None) -> bool:
         """Whether forwarded Host/Proto/Prefix headers from this peer may shape our URLs."""

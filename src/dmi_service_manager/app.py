@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import serving
 from .access import AccessPolicy
 from .api import dashboard, files, gpu, health, jobs, schemas, services, tes
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
@@ -46,6 +47,10 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"].startswith("//"):
+            # The original's result_url reads http://host:4000//api/jobs/1, and 4CAT polls exactly that.
+            scope["path"] = "/" + scope["path"].lstrip("/")
+            scope["raw_path"] = b"/" + scope.get("raw_path", b"").lstrip(b"/")
         forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for")
         peer = scope["client"][0] if scope.get("client") else None
         who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
@@ -77,7 +82,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    return _error_body(400, f"invalid request: {exc}")
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body"))
+        problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
+    return _error_body(400, "invalid request: " + "; ".join(problems))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -101,6 +111,7 @@ def _die_with_supervisor() -> None:
 
 def create_app(config: Config, port: int) -> FastAPI:
     context = AppContext.build(config, port)
+    serving.use_policy(context.policy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

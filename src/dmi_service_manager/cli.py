@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import ENV_CONFIG, ENV_PORT, ENV_SUPERVISOR
     from .checks import engine_warnings
     from .runtime.docker import DockerRuntime
+    from .serving import HEAD_SECONDS, MAX_HEAD_BYTES, MAX_HEADERS, raise_descriptor_limit, uvicorn_settings
 
     loaded = _load(args.config)
     config = loaded.config
@@ -44,18 +45,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[ENV_CONFIG] = str(Path(args.config).resolve()) if args.config else ""
     os.environ[ENV_PORT] = str(args.port)
     os.environ[ENV_SUPERVISOR] = str(os.getpid())
+    soft, hard = raise_descriptor_limit()
+    print(f"dsm: open files: {soft} (hard limit {hard}); request heads: at most {MAX_HEAD_BYTES} bytes,"
+          f" {MAX_HEADERS} headers, {HEAD_SECONDS:g} s", file=sys.stderr)
     uvicorn.run(
         "dmi_service_manager.app:app_from_environment",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        proxy_headers=False,  # access.py decides which forwarded headers to believe
-        server_header=False,
         access_log=args.access_log,
         log_level=config.log_level.lower(),
-        backlog=4096,
-        timeout_graceful_shutdown=5,
+        **uvicorn_settings(),
     )
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LEADER_RETRY_SECONDS = 1.0
 HOUSEKEEPING_SECONDS = 3600.0
+STAGING_SWEEP_SECONDS = 10.0
 
 
 @dataclass
@@ -117,20 +119,35 @@ class AppContext:
 
     def _lead(self) -> None:
         log.info("this process (instance %s) runs the scheduler", self.instance_id)
-        if self.files.configured:
-            swept = self.files.storage.sweep_staging()
-            if swept:
-                log.warning("removed %d half-written upload(s) left by a process that died", swept)
+        self._sweep_staging()
         self.scheduler = Scheduler(self.config, self.store, self.runtime, self.gpus, self.instance_id,
                                    self.workloads, on_final=self.webhooks.job_final)
         self.scheduler.start()
         threading.Thread(target=self.doorbell.listen, args=(self.scheduler.wake, self._stop),
                          name="dsm-doorbell", daemon=True).start()
         self.webhooks.start(self._stop)
-        while self.files.configured and self.config.retention_days:
-            try:
-                sweep_expired(self.files.storage, self.config.retention_days, self.jobs.collections_in_use)
-            except (DsmError, OSError) as exc:
-                log.error("retention sweep failed: %s", exc)
-            if self._stop.wait(HOUSEKEEPING_SECONDS):
+        last_retention = -HOUSEKEEPING_SECONDS
+        while True:
+            if self.files.configured and self.config.retention_days and \
+                    time.monotonic() - last_retention > HOUSEKEEPING_SECONDS:
+                last_retention = time.monotonic()
+                try:
+                    sweep_expired(self.files.storage, self.config.retention_days, self.jobs.collections_in_use)
+                except (DsmError, OSError) as exc:
+                    log.error("retention sweep failed: %s", exc)
+            if self._stop.wait(STAGING_SWEEP_SECONDS):
                 return
+            # Again soon after taking over: the workers of a killed server die a moment after it, and the
+            # staging they leave can only be swept once they are gone.
+            self._sweep_staging()
+
+    def _sweep_staging(self) -> None:
+        if not self.files.configured:
+            return
+        try:
+            swept = self.files.storage.sweep_staging()
+        except OSError as exc:
+            log.error("sweeping the upload staging folder failed: %s", exc)
+            return
+        if swept:
+            log.warning("removed %d half-written upload(s) left by a process that died", swept)

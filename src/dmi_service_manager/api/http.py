@@ -9,7 +9,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import PayloadTooLarge
+from .params import decode_json
 
 CALLER_KEY = "dsm.caller"  # the client's address after trusted proxies, set by the access middleware
 TRUSTED_PEER_KEY = "dsm.trusted_peer"  # whether the TCP peer is a trusted proxy, set there too
@@ -52,7 +53,8 @@ def base_url(request: Request) -> str:
         server = request.scope.get("server") or ("localhost", 4000)
         host = f"{server[0]}:{server[1]}"
     prefix = prefix.strip("/")
-    prefix = f"/{prefix}" if prefix and _PREFIX.fullmatch(f"/{prefix}") else ""
+    safe = _PREFIX.fullmatch(f"/{prefix}") and not {".", ".."} & set(prefix.split("/"))
+    prefix = f"/{prefix}" if prefix and safe else ""
     return f"{scheme}://{host}{prefix}"
 
 
@@ -65,7 +67,4 @@ async def json_body(request: Request) -> Any:
             raise PayloadTooLarge(f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     if not raw.strip():
         return None
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    return decode_json(raw)

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Query
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import BadRequest
 from ..jobs.service import JobService
-from . import schemas
+from . import params, schemas
 from .http import caller, json_body, json_response
 
 FOLLOW_POLL_SECONDS = 0.5
 FOLLOWERS = 8
-MAX_INT = 2**62  # what SQLite's integers and Python's slices take without complaint
+MAX_INT = params.MAX_INT
 
 
 @functools.cache
@@ -79,7 +80,12 @@ def router(jobs: JobService) -> APIRouter:
             while True:
                 # A thread blocks on the engine for each read; a limiter of their own keeps followers from
                 # taking the threads that submits and cancels need.
-                chunk = await anyio.to_thread.run_sync(next, lines, None, limiter=_followers())
+                try:
+                    chunk = await anyio.to_thread.run_sync(next, lines, None, limiter=_followers())
+                except Exception as exc:  # the engine removed the container, or went away, mid-stream
+                    why = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                    yield f"\n[dsm] the container's log stream ended early: {why}\n".encode()
+                    break
                 if chunk is None:
                     break
                 yield chunk
@@ -100,18 +106,35 @@ def router(jobs: JobService) -> APIRouter:
     @api.get("/api/jobs/", include_in_schema=False)
     async def list_jobs(current: str | None = None, limit: int | None = Query(None, ge=0, le=MAX_INT),
                         offset: int = Query(0, ge=0, le=MAX_INT), order: str | None = None) -> Response:
-        """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete."""
-        found = await run_in_threadpool(jobs.list_jobs, current=bool(current), limit=limit, offset=offset,
-                                        newest_first=order == "desc")
-        return json_response({"status": "success", "jobs": [job.listed() for job in found]})
+        """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete.
+
+        Streamed a few jobs at a time: 4CAT's unpaged call works whatever the store holds.
+        """
+        batches = jobs.list_jobs(current=bool(current), limit=limit, offset=offset, newest_first=order == "desc")
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"status":"success","jobs":['
+            first = True
+            async for found in iterate_in_threadpool(batches):
+                for job in found:
+                    yield (b"" if first else b",") + json.dumps(job.listed(), separators=(",", ":"),
+                                                                   ensure_ascii=False).encode()
+                    first = False
+            yield b"]}"
+
+        return StreamingResponse(body(), media_type="application/json")
 
     @api.post("/status_update/", responses={200: {"model": schemas.StatusUpdateAnswer}, **schemas.errors(400, 404)})
     @api.post("/status_update", include_in_schema=False)
     async def status_update(key: str | None = None, status: str | None = None, message: str | None = None,
                             processed_records: str | None = None, num_records: str | None = None) -> Response:
         """Progress from inside a container; parameters come in the query string."""
+        if not key or not status:
+            raise BadRequest("status_update must include both 'key' and 'status'")
+        job_id = params.whole_number(key, "key", low=1)
         processed = processed_records if processed_records not in (None, "") else num_records
-        await run_in_threadpool(jobs.status_update, key, status, message, processed)
+        count = None if processed in (None, "") else params.count(processed, "processed_records")
+        await run_in_threadpool(jobs.status_update, job_id, message, count)
         return json_response({"status": "success"})
 
     return api

@@ -25,7 +25,11 @@ from .storage import Parts, StagedFile, Storage, disk_full_is_507, display, spli
 
 log = logging.getLogger(__name__)
 
-MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELD_BYTES = 64 * 1024  # one form field
+MAX_FIELDS_BYTES = 1024 * 1024  # all form fields of a request together
+MAX_PARTS = 256  # each file part holds a descriptor until the request is complete
+MAX_PART_HEADER_BYTES = 16 * 1024
+MAX_NAME_BYTES = 255  # what file systems take for one name
 
 
 @dataclass
@@ -72,6 +76,8 @@ class UploadReceiver:
         self.fields: dict[str, str] = {}
         self.files: list[_Part] = []
         self.errors: dict[str, str] = {}
+        self.parts = 0
+        self.field_bytes = 0
         self._part = _Part()
         self._header_field = bytearray()
         self._header_value = bytearray()
@@ -79,13 +85,23 @@ class UploadReceiver:
     # -- parser callbacks (python-multipart calls these synchronously from write())
 
     def _on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise PayloadTooLarge(f"a request may hold at most {MAX_PARTS} parts; send the files in several requests")
         self._part = _Part()
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
+        self._check_header()
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._header_field) + len(self._header_value) > MAX_PART_HEADER_BYTES or \
+                len(self._part.headers) > 32:
+            raise BadRequest("a part of the multipart body has headers that are too large")
 
     def _on_header_end(self) -> None:
         self._part.headers[bytes(self._header_field).lower()] = bytes(self._header_value)
@@ -106,6 +122,9 @@ class UploadReceiver:
             part.placeholder = True
             return
         part.name = secure_filename(part.filename)
+        if len(part.name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise BadRequest(f"the file name {part.filename[:60]!r}... is longer than the {MAX_NAME_BYTES} bytes"
+                             " a file system takes")
         reason = self._refusal(part.filename, part.name)
         if reason:
             part.refused = True
@@ -130,6 +149,9 @@ class UploadReceiver:
         elif part.filename is None:
             if len(part.value) + end - start > MAX_FIELD_BYTES:
                 raise BadRequest(f"form field {part.field_name!r} is larger than {MAX_FIELD_BYTES} bytes")
+            self.field_bytes += end - start
+            if self.field_bytes > MAX_FIELDS_BYTES:
+                raise PayloadTooLarge(f"the form fields of a request may hold at most {MAX_FIELDS_BYTES} bytes")
             part.value += data[start:end]
 
     def _on_part_end(self) -> None:
@@ -183,7 +205,7 @@ class UploadReceiver:
                 raise PayloadTooLarge(f"the upload is larger than this server accepts ({self.max_bytes} bytes)")
             try:
                 parser.write(chunk)
-            except (BadRequest, InsufficientStorage, OSError):
+            except (BadRequest, PayloadTooLarge, InsufficientStorage, OSError):
                 raise
             except Exception as exc:  # python-multipart's MultipartParseError and friends
                 raise BadRequest(f"the multipart body could not be parsed: {exc}") from None

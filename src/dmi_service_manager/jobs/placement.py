@@ -158,7 +158,7 @@ class _Cards:
                 fitting.append((room - demand.gpu_memory, card.id))  # best fit: least left over
         if len(fitting) < demand.gpus:
             return None
-        chosen = [card_id for _, card_id in sorted(fitting, key=lambda f: (f[0], _numeric(f[1])))[: demand.gpus]]
+        chosen = [card_id for _, card_id in sorted(fitting, key=lambda f: (f[0], numeric_id(f[1])))[: demand.gpus]]
         for gpu in chosen:
             self._reserve(gpu, demand.gpu_memory)
         return chosen
@@ -173,7 +173,7 @@ def reserved(holdings: Sequence[Holding], cards: Sequence[Card]) -> dict[str, in
     return {c.id: c.total if c.id in held.exclusive else held.reserved[c.id] for c in cards}
 
 
-def _numeric(card_id: str) -> tuple[int, str]:
+def numeric_id(card_id: str) -> tuple[int, str]:
     return (int(card_id), "") if card_id.isdigit() else (1 << 30, card_id)
 
 
@@ -183,8 +183,10 @@ def plan(
     cards: Sequence[Card],
     limits: Limits,
     passes: dict[int, int],
+    foreign: Sequence[Holding] = (),
 ) -> Plan:
-    """Decide what starts now. `waiting` is in arrival order; `passes` is what earlier plans counted.
+    """Decide what starts now. `waiting` is in arrival order; `passes` is what earlier plans counted;
+    `foreign` is what containers that this server did not start hold on the GPUs.
 
     Only GPU jobs pass GPU jobs: a CPU job takes no GPU memory, so it may start beside a job waiting
     for a card without delaying it; and a job held back by its own service's `max_concurrent` is not
@@ -193,7 +195,7 @@ def plan(
     result = Plan(passes=dict(passes))
     running = len(holdings)
     per_service = Counter(h.service for h in holdings)
-    gpus = _Cards(cards, holdings)
+    gpus = _Cards(cards, [*holdings, *foreign])  # containers we did not start hold GPU memory, not job slots
     waiting_for_gpu: list[int] = []  # older GPU jobs that could not start in this round
     barrier: int | None = None  # a GPU job passed too often: no GPU job behind it starts
 

@@ -56,6 +56,8 @@ class _Flags:
     passes: dict[int, int] = field(default_factory=dict)
     docker_lost_at: float | None = None
     outage_windows: list[tuple[float, float]] = field(default_factory=list)
+    foreign: list[tuple[str, str]] = field(default_factory=list)  # (container, service) we did not start
+    warned_foreign: set[str] = field(default_factory=set)
     reconcile_due: bool = True
     last_reconcile: float = 0.0
     notes_at: float = 0.0
@@ -173,7 +175,7 @@ class Scheduler:
             max_passes=self.config.queue_max_passes,
         )
         holdings = [placement.Holding.of(j) for j in holding]
-        plan = placement.plan(demands, holdings, cards, limits, self._flags.passes)
+        plan = placement.plan(demands, holdings, cards, limits, self._flags.passes, self._foreign_holdings(cards))
         self._flags.passes = {k: v for k, v in plan.passes.items() if k in plan.waiting}
         by_id = {j.id: j for j in waiting}
         for demand, gpu_ids in plan.start:
@@ -197,6 +199,40 @@ class Scheduler:
         if refresh:
             self._flags.notes_at = time.monotonic()
         self.store.set_queue_messages(notes)
+
+    def _foreign_holdings(self, cards: list[placement.Card]) -> list[placement.Holding]:
+        """What GPU-service containers that this server did not start hold: their service's estimate (or the
+        whole card) on the first card, where a CUDA program lands when it sees every card, as the
+        original's `--gpus all` let it."""
+        if not cards or not self._flags.foreign:
+            return []
+        first = min(cards, key=lambda c: placement.numeric_id(c.id)).id
+        services = self.config.docker_endpoints
+        return [placement.Holding(job_id=0, service=service, gpu_ids=(first,), gpu_memory=services[service].gpu_memory)
+                for _, service in self._flags.foreign if service in services]
+
+    def _find_foreign(self) -> None:
+        """Running containers of GPU services' images that this server did not start (the original's, say)."""
+        if not self.config.gpu_enabled:
+            return
+        services = {n: s for n, s in self.config.docker_endpoints.items() if self.config.service_uses_gpu(n)}
+        found = []
+        for state in self.runtime.running_of_images(sorted({s.image_name for s in services.values()})):
+            if state.labels.get(LABEL_INSTANCE) == self.instance_id:
+                continue
+            # By the name it was made from, else by image id; of several services, the largest estimate.
+            matching = [n for n, s in services.items() if s.image_name == state.image] or \
+                [n for n, s in services.items() if self._image_id(s.image_name) == state.image_id]
+            if not matching:
+                continue
+            service = max(matching, key=lambda n: services[n].gpu_memory or float("inf"))
+            found.append((state.id, service))
+            if state.id not in self._flags.warned_foreign:
+                self._flags.warned_foreign.add(state.id)
+                log.warning("container %s (%s, made from %s) runs on this engine but was not started by this"
+                            " server; it is counted as holding %s's GPU memory until it ends", state.name,
+                            state.id[:12], state.image or state.image_id[:19], service)
+        self._flags.foreign = found
 
     def _image_id(self, image: str) -> str:
         """The id the image name stands for now; cached briefly, as every job of a service asks."""
@@ -474,8 +510,9 @@ class Scheduler:
         """
         self._flags.reconcile_due = False
         self._flags.last_reconcile = time.time()
+        self._find_foreign()
         containers: dict[int, list[ContainerState]] = {}
-        for state in self.runtime.list(self.labels):
+        for state in self.runtime.labelled(self.labels):
             label = state.labels.get(LABEL_JOB, "")
             if label.isdigit():
                 containers.setdefault(int(label), []).append(state)

@@ -164,8 +164,22 @@ class JobService:
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-             newest_first: bool = False) -> list[Job]:
-        return self.store.jobs(current=current, limit=limit, offset=offset, newest_first=newest_first)
+                  newest_first: bool = False, batch: int = 16) -> Iterator[list[Job]]:
+        """Jobs a few at a time, so that a listing of every job (4CAT's unpaged call) never sits in memory."""
+        after: int | None = None
+        left = limit
+        while left is None or left > 0:
+            size = batch if left is None else min(batch, left)
+            found = self.store.jobs(current=current, limit=size, offset=offset if after is None else 0,
+                                    newest_first=newest_first, after=after)
+            if not found:
+                return
+            yield found
+            after = found[-1].id
+            if left is not None:
+                left -= len(found)
+            if len(found) < size:
+                return
 
     def counts(self) -> dict[str, int]:
         """Jobs by status; a write transaction first, so that a read-only or locked database shows."""
@@ -254,21 +268,14 @@ class JobService:
             raise BadRequest("details_value must be a string or a number")
         return self.store.find_by_details(keys, details_value)
 
-    def status_update(self, key: str | None, status: str | None, message: str | None,
-                      processed: str | None) -> None:
+    def status_update(self, job_id: int, message: str | None, processed: int | None) -> None:
         """Progress from a container. Its `status` never changes ours: the container's exit decides."""
-        if not key or not status:
-            raise BadRequest("status_update must include both 'key' and 'status'")
-        if not key.strip().isdigit():
-            raise BadRequest(f"key must be a job id, not {key!r}")
-        count = None
-        if processed not in (None, ""):
+        if message is not None:
             try:
-                count = int(float(processed or 0))
-            except ValueError:
-                raise BadRequest(f"processed_records must be a number, not {processed!r}") from None
-        job_id = int(key)
-        if not self.store.update_progress(job_id, message, count) and self.store.get(job_id) is None:
+                message.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("message is not valid text") from None
+        if not self.store.update_progress(job_id, message, processed) and self.store.get(job_id) is None:
             raise NotFound(f"Job {job_id} not found")
 
     def cancel(self, job_id: int, who: str, *, kind: Kind = Kind.FOURCAT) -> Job:

@@ -138,56 +138,69 @@ class Store:
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
-            if version >= SCHEMA_VERSION:
-                return notes
-            if not exists:
-                db.execute(
-                    "CREATE TABLE jobs (id INTEGER PRIMARY KEY, created_at INTEGER, jobtype TEXT,"
-                    " completed_at INTEGER, status TEXT, message TEXT, details JSON, results JSON)"
-                )
-            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            db.execute("CREATE INDEX IF NOT EXISTS jobs_dataset_key ON jobs (dataset_key)")
-            db.execute(f"CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, id) WHERE {_ACTIVE}")
-            db.execute("CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (id) WHERE callback_url IS NOT NULL")
-            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL")
-            db.execute("CREATE INDEX IF NOT EXISTS jobs_tasks ON jobs (id) WHERE kind = 'tes'")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL,"
-                " scope TEXT NOT NULL, salt BLOB NOT NULL, digest BLOB NOT NULL, created_at REAL NOT NULL,"
-                " revoked_at REAL)"
-            )
-            if exists and version == 0:
-                notes += self._adopt_original_rows(db)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                self._upgrade(db, exists=bool(exists))
+            # At every start, not once: after a downgrade to the original and back, the jobs the original
+            # made meanwhile must be found by the details query too, or 4CAT would submit them again.
+            notes += self._adopt_original_rows(db)
         return notes
 
+    def _upgrade(self, db: sqlite3.Connection, *, exists: bool) -> None:
+        if not exists:
+            db.execute(
+                "CREATE TABLE jobs (id INTEGER PRIMARY KEY, created_at INTEGER, jobtype TEXT,"
+                " completed_at INTEGER, status TEXT, message TEXT, details JSON, results JSON)"
+            )
+        have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_dataset_key ON jobs (dataset_key)")
+        db.execute(f"CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, id) WHERE {_ACTIVE}")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (id) WHERE callback_url IS NOT NULL")
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_tasks ON jobs (id) WHERE kind = 'tes'")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL,"
+            " scope TEXT NOT NULL, salt BLOB NOT NULL, digest BLOB NOT NULL, created_at REAL NOT NULL,"
+            " revoked_at REAL)"
+        )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def _adopt_original_rows(self, db: sqlite3.Connection) -> list[str]:
-        """Rows written by the original server: index their dataset keys and end what it left open."""
+        """Rows the original server wrote (ours always name a service or a kind): index their dataset
+        keys, end what it left open, and mark them as seen."""
+        original = "service IS NULL AND kind IS NULL"
+        rows = db.execute(f"SELECT id, status FROM jobs WHERE {original}").fetchall()
+        if not rows:
+            return []
         db.execute(
             "UPDATE jobs SET dataset_key = json_extract(details, '$.request_json.\"4CAT_dataset_key\"')"
-            " WHERE dataset_key IS NULL AND json_valid(details)"
+            f" WHERE {original} AND dataset_key IS NULL AND json_valid(details)"
         )
         now = int(time.time())
         ended = 0
-        for row in db.execute(f"SELECT id, status FROM jobs WHERE {_ACTIVE} OR status IS NULL").fetchall():
+        for row in rows:
+            if row["status"] in ("complete", "error"):
+                continue
             message = (
                 f"This job was left '{row['status']}' by the original DMI Service Manager, which kept no"
                 " record of its container; it was ended when this server took over the database."
             )
             db.execute(
-                "UPDATE jobs SET status = 'error', message = ?, results = ?, completed_at = ? WHERE id = ?",
-                (message, json.dumps(error_results(message)), now, row["id"]),
+                "UPDATE jobs SET status = 'error', message = ?, results = ?, completed_at = ?, failure = ?"
+                " WHERE id = ?",
+                (message, json.dumps(error_results(message)), now, Failure.ENGINE.value, row["id"]),
             )
             ended += 1
         db.execute(
-            "UPDATE jobs SET results = ? WHERE status IN ('complete', 'error') AND results IS NULL",
+            f"UPDATE jobs SET results = ? WHERE {original} AND status IN ('complete', 'error') AND results IS NULL",
             (json.dumps(error_results("The original server recorded no results for this job.")),),
         )
-        return [f"migrated a database written by the original DMI Service Manager; ended {ended} open job(s)"]
+        db.execute(f"UPDATE jobs SET kind = '4cat' WHERE {original}")
+        return [f"took over {len(rows)} job(s) written by the original DMI Service Manager (indexed for the"
+                f" details query); ended {ended} it had left open"]
 
     def instance_id(self) -> str:
         """A short id that labels this server's containers; made once, kept in the database."""
@@ -206,15 +219,18 @@ class Store:
         return _job(row) if row else None
 
     def jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-             newest_first: bool = False) -> list[Job]:
-        sql = "SELECT * FROM jobs"
+             newest_first: bool = False, after: int | None = None) -> list[Job]:
+        """Jobs in id order; `after` continues from a job id (in the chosen direction) instead of an offset."""
+        clauses, params = [], []
         if current:
-            sql += " WHERE status IS NOT 'complete'"
+            clauses.append("status IS NOT 'complete'")
+        if after is not None:
+            clauses.append("id < ?" if newest_first else "id > ?")
+            params.append(after)
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
-        params: tuple[Any, ...] = ()
-        if limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            params = (limit, offset)
+        sql += " LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else limit, offset]
         return [_job(row) for row in self._conn().execute(sql, params)]
 
     def active(self) -> list[Job]:

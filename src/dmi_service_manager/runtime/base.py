@@ -89,6 +89,7 @@ class ContainerState:
     image_id: str
     oom_killed: bool = False
     error: str = ""
+    image: str = ""  # the name it was made from
 
     @property
     def ended(self) -> bool:
@@ -134,7 +135,9 @@ class Runtime(Protocol):
 
     def follow_logs(self, container_id: str, tail: int | None, follow: bool) -> Iterator[bytes]: ...
 
-    def list(self, labels: dict[str, str]) -> list[ContainerState]: ...
+    def labelled(self, labels: dict[str, str]) -> list[ContainerState]: ...
+
+    def running_of_images(self, images: list[str]) -> list[ContainerState]: ...
 
     def events(self, labels: dict[str, str]) -> EventStream: ...
 

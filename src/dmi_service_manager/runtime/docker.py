@@ -186,6 +186,7 @@ class DockerRuntime:
             image_id=str(data.get("Image", "")),
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
+            image=str((data.get("Config") or {}).get("Image") or ""),
         )
 
     def stop(self, container_id: str, grace: float) -> None:
@@ -238,9 +239,18 @@ class DockerRuntime:
                 return
             yield from stream
 
-    def list(self, labels: dict[str, str]) -> list[ContainerState]:
+    def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
         with _engine():
             found = self.api.containers(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+        states = [self.inspect(item["Id"]) for item in found]
+        return [s for s in states if s is not None]
+
+    def running_of_images(self, images: list[str]) -> list[ContainerState]:
+        """Running containers made from these images, whoever started them."""
+        if not images:
+            return []
+        with _engine():
+            found = self.api.containers(filters={"ancestor": images, "status": "running"})
         states = [self.inspect(item["Id"]) for item in found]
         return [s for s in states if s is not None]
 

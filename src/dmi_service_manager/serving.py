@@ -1,0 +1,149 @@
+"""The HTTP server around the app: uvicorn, with the limits that keep refused hosts from taking it down.
+
+uvicorn's httptools protocol buffers a request's headers without limit and waits for them without a
+deadline, and answers a request it cannot parse in plain text. The protocol here, per connection:
+- closes a connection from a host that IP_WHITELIST refuses as soon as it is made (a trusted proxy
+  or loopback gets as far as the request, where the full access rule applies);
+- caps the bytes of a request's head (431) and gives it a deadline from its first byte (408);
+- answers every request it cannot parse with the usual JSON error body.
+The process's descriptor limit is raised to its hard limit at start-up, and the limits are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .access import AccessPolicy
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_HEADERS = 100
+HEAD_SECONDS = 10.0  # from a request's first byte to the end of its headers
+
+# Set by the app factory in each worker process, before the server accepts connections.
+_policy: AccessPolicy | None = None
+
+
+def use_policy(policy: AccessPolicy) -> None:
+    global _policy
+    _policy = policy
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; returns (soft, hard) as they now are."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def _error(status: int, reason: bytes, message: str) -> bytes:
+    body = json.dumps({"status": "error", "message": message, "reason": message}).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, reason, len(body))) + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        if _policy is not None and peer and not _policy.may_connect(str(peer[0])):
+            transport.abort()  # no buffer, no task, no descriptor held: refused before a byte is read
+            return
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._head_size = 0
+        self._header_count = 0
+        self._in_head = True
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        # Counted as it arrives, checked once the parser has seen it (a read may hold the head and a body):
+        # what an unfinished head can hold is one read past the limit.
+        counting = self._in_head
+        if counting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if counting and self._in_head and (self._head_bytes > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS):
+            self._too_large()
+
+    def _too_large(self) -> None:
+        self._refuse(431, b"Request Header Fields Too Large",
+                     f"the request line and headers may hold at most {MAX_HEAD_BYTES} bytes and {MAX_HEADERS}"
+                     " headers")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_size = 0
+        if not self._in_head:  # the next request on a kept-alive connection: its head gets a deadline too
+            self._in_head, self._head_bytes, self._header_count = True, 0, 0
+            self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_size > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS:
+            self._too_large()
+            raise ValueError("request head too large")  # stops the parser; the answer is already sent
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            assert self._head_timer is not None
+            self._head_timer.cancel()
+        if getattr(self, "transport", None) is None:
+            return  # refused in connection_made: nothing was set up
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, b"Bad Request", f"the request could not be read as HTTP: {msg}")
+
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            if self._head_bytes:
+                self._refuse(408, b"Request Timeout", f"the request's headers took more than {HEAD_SECONDS:g} s")
+            else:
+                self.transport.close()  # a connection that never sent a byte: nothing to answer
+
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_error(status, reason, message))
+            self.transport.close()
+
+
+def uvicorn_settings() -> dict[str, Any]:
+    """The server settings `dsm serve` runs with (see the README's performance section for why)."""
+    return {
+        "http": GuardedHttpToolsProtocol,
+        "proxy_headers": False,  # access.py decides which forwarded headers to believe
+        "server_header": False,
+        "backlog": 4096,
+        "timeout_graceful_shutdown": 5,
+    }

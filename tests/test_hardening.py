@@ -1,0 +1,251 @@
+"""Hostile input never reaches a 500, refused hosts cannot hold the server, and the swap from the original is safe.
+
+Each case stands for a family of inputs: numbers that Python's `isdigit` takes and `int` does not, JSON that
+the parser or SQLite chokes on, names the file system refuses, request heads that never end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import requests
+
+from dmi_service_manager.access import AccessPolicy
+from dmi_service_manager.serving import HEAD_SECONDS, MAX_HEAD_BYTES
+from support import ROOT, Server, base_config, containers_of, wait_until
+
+
+def assert_json_error(response: requests.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert body["status"] == "error" and body["message"] and body["reason"], body
+    return body
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/status_update/?key=1&status=running&processed_records=inf", None),
+    ("POST", "/status_update/?key=1&status=running&processed_records=nan", None),
+    ("POST", "/status_update/?key=1&status=running&num_records=1e999", None),
+    ("POST", "/status_update/?key=99999999999999999999999&status=running", None),
+    ("POST", "/status_update/?key=%C2%B2&status=running", None),  # '²': isdigit() is true, int() fails
+    ("POST", "/status_update/?key=%D9%A1&status=running", None),  # an Arabic-Indic one
+    ("POST", "/status_update/?key=-1&status=running", None),
+    ("GET", "/jobs/?limit=99999999999999999999999", None),
+    ("GET", "/api/jobs/?limit=1&offset=99999999999999999999999", None),
+    ("GET", "/jobs/?limit=-1", None),
+    ("GET", "/api/jobs/1/logs?tail=%C2%B2", None),
+    ("GET", "/api/jobs/1/logs?tail=99999999999999999999999", None),
+    ("GET", "/api/jobs/details_query/", '{"details_key":"$.request_json.x","details_value":99999999999999999999999}'),
+    ("GET", "/api/jobs/details_query/", '{"details_key":"$.request_json.4CAT_dataset_key","details_value":"\\ud800"}'),
+    ("GET", "/api/jobs/details_query/", '{"details_key":"$.request_json.x","details_value":NaN}'),
+    ("POST", "/api/fake_local", '{"args":[],"4CAT_dataset_key":"\\ud800"}'),
+    ("POST", "/api/fake_local", '{"args":["\\udfff"]}'),
+    ("POST", "/api/fake_local", '{"args":[], "timeout": 99999999999999999999999}'),
+    ("POST", "/api/fake_local", "[" * 100_000 + "]" * 100_000),
+    ("POST", "/api/fake_local", '{"a":' * 5_000 + "1" + "}" * 5_000),
+])
+def test_malformed_numbers_and_json_are_400_never_500(server: Server, method: str, path: str,
+                                                       body: str | None) -> None:
+    before = server.get("/jobs/").json()["jobs"]
+    response = requests.request(method, server.url + path, data=body, timeout=30)
+    assert_json_error(response, 400)
+    assert server.get("/jobs/").json()["jobs"] == before  # nothing was stored
+
+
+def test_a_file_name_longer_than_the_file_system_takes_is_400_and_nothing_is_written(server: Server,
+                                                                                     tmp_path: Path) -> None:
+    name = "a" * 300 + ".txt"
+    response = server.post("/api/send_files", data={"folder_name": "c1"},
+                           files={"4cat_uploads": (name, b"hello")})
+    assert "255 bytes" in assert_json_error(response, 400)["message"]
+    assert not (tmp_path / "uploads" / "c1" / "4cat_uploads").exists() or \
+        not any((tmp_path / "uploads" / "c1" / "4cat_uploads").iterdir())
+
+
+def test_too_many_parts_in_one_upload_is_413_and_keeps_nothing(server: Server, tmp_path: Path) -> None:
+    files = [("4cat_uploads", (f"f{i}.txt", b"x")) for i in range(400)]
+    response = server.post("/api/send_files", data={"folder_name": "many"}, files=files)
+    assert_json_error(response, 413)
+    assert not (tmp_path / "uploads" / "many").exists()
+    staging = tmp_path / "uploads" / ".dsm-staging"
+    assert not any(p.is_file() for p in staging.rglob("*"))
+    ok = server.post("/api/send_files", data={"folder_name": "few"}, files=files[:3])
+    assert ok.status_code == 200 and len(ok.json()["4cat_uploads"]) == 3
+
+
+def test_form_fields_count_against_a_limit(server: Server) -> None:
+    fields = [(f"field{i}", "v" * 60_000) for i in range(40)]  # 2.4 MB of ordinary fields, no file
+    response = server.post("/api/send_files", files=[(k, (None, v)) for k, v in fields])
+    assert_json_error(response, 413)
+
+
+def _raw(port: int, payload: bytes, wait: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(payload)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _status_and_json(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize(("payload", "status"), [
+    (b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 400),
+    (b"NONSENSE\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * (MAX_HEAD_BYTES + 10) + b" HTTP/1.1\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431),
+])
+def test_requests_that_cannot_be_read_get_the_usual_json_error(server: Server, payload: bytes, status: int) -> None:
+    code, body = _status_and_json(_raw(server.port, payload))
+    assert code == status and body["status"] == "error" and body["reason"]
+
+
+def test_a_head_that_never_ends_is_cut_off_and_never_buffered_without_limit(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_SECONDS + 10) as sock:
+        sock.sendall(b"GET /api/ HTTP/1.1\r\nX-Slow: ")
+        sent = 0
+        try:  # an unfinished header, sent on and on: the server answers 431 and stops reading
+            for _ in range(200):
+                sock.sendall(b"a" * 4096)
+                sent += 4096
+        except OSError:
+            pass
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431") and sent < 4 * MAX_HEAD_BYTES + 200 * 4096
+    started = time.monotonic()
+    code, body = _status_and_json(_raw(server.port, b"GET /api/ HTTP/1.1\r\nHost: x\r\n", wait=HEAD_SECONDS + 10))
+    assert code == 408 and "headers took more than" in body["message"]
+    assert time.monotonic() - started < HEAD_SECONDS + 5
+
+
+def test_half_open_connections_do_not_shut_out_other_clients(server: Server) -> None:
+    """Hundreds of connections that send half a request and wait: every one is dropped at the deadline,
+    and a normal client is answered meanwhile."""
+    idle = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n")
+            idle.append(sock)
+        started = time.monotonic()
+        assert server.get("/api/").status_code == 200
+        assert time.monotonic() - started < 5
+        for sock in idle[:20]:  # closed by the server at the deadline
+            sock.settimeout(HEAD_SECONDS + 10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_refused_hosts_are_dropped_when_they_connect_but_proxies_and_loopback_get_a_hearing() -> None:
+    policy = AccessPolicy(["10.0.0.0/8"], ["192.168.5.5"])
+    assert policy.may_connect("10.1.2.3")
+    assert policy.may_connect("192.168.5.5")  # speaks for others: the request decides
+    assert policy.may_connect("127.0.0.1") and policy.may_connect("::1")  # containers post progress
+    assert not policy.may_connect("203.0.113.7")
+    assert AccessPolicy([], []).may_connect("203.0.113.7")
+
+
+def test_only_the_progress_route_itself_is_open_to_loopback(make_server: Callable[..., Server],
+                                                            tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"]))
+    assert server.post("/status_update/?key=424242&status=running").status_code == 404  # let in; no such job
+    assert server.post("/status_update?key=424242&status=running").status_code == 404
+    for path in ("/status_update_x", "/status_update/../api/", "/status_updates/", "/status_update/x"):
+        assert_json_error(requests.post(server.url + path, timeout=30), 403)
+    assert_json_error(server.get("/api/"), 403)
+
+
+def test_a_forwarded_prefix_with_dot_dot_never_reaches_the_result_url(make_server: Callable[..., Server],
+                                                                      tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, TRUSTED_PROXIES=["127.0.0.1"]))
+    for prefix in ("/a/../b", "/..", "/./x", "/a/%2e%2e/b"):
+        answer = server.post("/api/fake_local", json={"args": []},
+                             headers={"X-Forwarded-Prefix": prefix, "X-Forwarded-Host": "dsm.example.org"})
+        url = answer.json()["result_url"]
+        assert ".." not in url and "/./" not in url and "%2e" not in url.lower(), url
+
+
+def test_the_originals_double_slash_result_url_is_served(server: Server) -> None:
+    key = server.submit("fake_local", [])["key"]
+    answer = requests.get(f"{server.url}//api/jobs/{key}", timeout=30)  # as 4CAT sends the original's URL
+    assert answer.status_code == 200 and answer.json()["job"]["id"] == key
+
+
+def test_jobs_the_original_wrote_after_a_downgrade_are_found_and_ended(make_server: Callable[..., Server],
+                                                                       tmp_path: Path) -> None:
+    server = make_server()
+    server.stop()
+    details = json.dumps({"request_json": {"args": [], "4CAT_dataset_key": "made-by-the-original"},
+                          "request_args": {}})
+    with sqlite3.connect(server.config["DATABASE_FILE"]) as db:  # as the original inserts a job
+        db.execute("INSERT INTO jobs (created_at, jobtype, status, details) VALUES (?, ?, 'running', ?)",
+                   (int(time.time()), "/api/fake_local", details))
+    server.start()
+    found = requests.get(server.url + "/api/jobs/details_query/", timeout=30, json={
+        "details_key": "$.request_json.4CAT_dataset_key", "details_value": "made-by-the-original"}).json()["jobs"]
+    assert len(found) == 1 and found[0]["status"] == "error"
+    assert "original" in json.loads(found[0]["results"])["error"]
+    server.stop()
+    server.start()  # and a second start finds nothing more to do
+    assert "written by the original" not in server.log().split("Started server process")[-1]
+
+
+def test_a_log_stream_cut_by_the_engine_ends_with_a_line_saying_why(server: Server,
+                                                                    docker_client: docker.DockerClient) -> None:
+    key = server.submit("fake_local", ["--stdout", "first line", "--sleep", "30"])["key"]
+    server.wait_status(key, "running")
+    lines: list[bytes] = []
+    finished = threading.Event()
+
+    def follow() -> None:
+        with requests.get(f"{server.url}/api/jobs/{key}/logs", params={"follow": "1"}, stream=True,
+                          timeout=60) as response:
+            for chunk in response.iter_content(chunk_size=None):
+                lines.append(chunk)
+        finished.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    wait_until(lambda: b"first line" in b"".join(lines), 15, what="the first line")
+    for container in containers_of(docker_client, server.instance, key):
+        container.remove(force=True)  # what an admin (or Docker) does under the server
+    assert finished.wait(45), "the stream did not end"
+    assert b"[dsm]" in b"".join(lines).split(b"first line", 1)[1]
+    assert server.wait_final(key)["status"] == "error"
+
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_status(server: Server) -> None:
+    """The fuzzer drives every route of /openapi.json (bounded in examples and time)."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+         "--checks", "not_a_server_error,status_code_conformance", "--max-examples", "25",
+         "--request-timeout", "20", "--seed", "1", "--no-color"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "passed" in done.stdout and " failed" not in done.stdout.split("SUMMARY")[-1]
