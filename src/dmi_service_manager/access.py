@@ -7,6 +7,7 @@ sent by an untrusted peer is therefore never believed. Both lists also take CIDR
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ def _networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(item, strict=False) for item in items)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text: str) -> IPAddress | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # "[::1]:443" as some proxies write it
@@ -51,6 +53,7 @@ class AccessPolicy:
     def _is_trusted(self, address: IPAddress) -> bool:
         return any(address in net for net in self.trusted)
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one policy per process; callers repeat by the thousand
     def caller(self, peer: str | None, forwarded_for: str | None) -> Caller:
         """The client's address after walking back through trusted proxies."""
         current = _address(peer or "")

@@ -28,6 +28,12 @@ def _load(path: str | None) -> Any:
     return loaded
 
 
+def default_workers() -> int:
+    """One process per CPU: polls and uploads then use every core, as a bare app with as many workers
+    would. Past four, an I/O-bound server gains little and each process costs its own memory."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -225,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config.yml (default: ./config.yml, else the embedded default)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=4000)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes; every one serves every route")
+    serve.add_argument("--workers", type=int, default=default_workers(),
+                       help="worker processes, each serving every route (default: one per CPU, at most 4)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(func=cmd_serve)
 

@@ -123,6 +123,20 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 # Models that documented bodies refer to, added to the document's components (see `with_components`).
 COMPONENTS: dict[str, Any] = {}
+# Operations served by plain routes (the hottest ones), documented here.
+OPERATIONS: dict[str, dict[str, Any]] = {}
+
+
+def document(path: str, method: str, *, summary: str, model: type[BaseModel], parameters: list[dict[str, Any]],
+             errors: tuple[int, ...] = ()) -> None:
+    COMPONENTS[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    COMPONENTS.update(COMPONENTS[model.__name__].pop("$defs", {}))
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    for code in errors:
+        responses[str(code)] = {"description": "error", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    OPERATIONS.setdefault(path, {})[method] = {"summary": summary, "parameters": parameters, "responses": responses}
 
 
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
@@ -140,6 +154,8 @@ def with_components(document: dict[str, Any]) -> dict[str, Any]:
     for name, schema in COMPONENTS.items():
         schemas.setdefault(name, schema)
     schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+    for path, operations in OPERATIONS.items():
+        document.setdefault("paths", {}).setdefault(path, {}).update(operations)
     # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422.
     for operations in document.get("paths", {}).values():
         for operation in operations.values():

@@ -506,10 +506,10 @@ def _json_object(text: Any) -> dict[str, Any]:
 
 def _job(row: sqlite3.Row) -> Job:
     """A job from a row; a partial row (a MINIMAL listing) leaves the other fields at their defaults."""
-    have = row.keys()
+    values: dict[str, Any] = dict(zip(row.keys(), row, strict=True))
 
     def col(name: str) -> Any:
-        return row[name] if name in have else None
+        return values.get(name)
 
     try:
         status = JobStatus(row["status"])
