@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,8 +13,9 @@ from typing import Any
 import docker
 import pytest
 
+from dmi_service_manager.runtime.docker import DockerBackend
 from dmi_service_manager.runtime.images import build_service
-from support import BUSYBOX, OCR, ROOT, Server, base_config
+from support import BUSYBOX, OCR, ROOT, Server, base_config, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +63,50 @@ def make_server(
 @pytest.fixture
 def server(make_server: Callable[..., Server]) -> Server:
     return make_server()
+
+
+# -- a Docker daemon of the test's own, to restart under a server
+
+
+@pytest.fixture
+def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Callable[[], None]]]:
+    if not shutil.which("dockerd") or os.geteuid() != 0:
+        pytest.skip("needs root and dockerd to start a private Docker daemon")
+    folder = tmp_path_factory.mktemp("dockerd", numbered=True)
+    short = Path("/tmp") / f"dsm-dockerd-{os.getpid()}-{folder.name}"  # unix sockets want short paths
+    short.mkdir()
+    socket = short / "docker.sock"
+    # Its own network namespace: a second dockerd beside the first would otherwise reconfigure (or, with
+    # --bridge none, delete) the shared docker0 bridge. The server reaches it through its Unix socket.
+    args = ["unshare", "--net", "dockerd", "--host", f"unix://{socket}", "--data-root", str(folder / "data"),
+            "--exec-root", str(short / "exec"), "--pidfile", str(short / "docker.pid"), "--iptables=false",
+            "--ip6tables=false"]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        log = (folder / "dockerd.log").open("ab")
+        processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_until(lambda: _pings(f"unix://{socket}"), 60, 0.2, "the private dockerd")
+
+    def restart() -> None:
+        processes[-1].send_signal(signal.SIGTERM)
+        processes[-1].wait(60)
+        start()
+
+    start()
+    build_service(str(ROOT / "tests" / "images" / "busybox"), tag=BUSYBOX, log=lambda _: None,
+                  runtime=DockerBackend(f"unix://{socket}"))
+    yield f"unix://{socket}", restart
+    client = docker.DockerClient(base_url=f"unix://{socket}")
+    for container in client.containers.list(all=True):
+        container.remove(force=True)
+    processes[-1].send_signal(signal.SIGTERM)
+    processes[-1].wait(60)
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(docker.DockerClient(base_url=url, timeout=2).ping())
+    except Exception:
+        return False

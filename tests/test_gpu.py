@@ -93,7 +93,7 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
 ) -> None:
     # GPU_DEVICE_MODE environment: cards are named in NVIDIA_VISIBLE_DEVICES, so containers start here.
     server = make_server(gpu_config(tmp_path, GPU_DEVICE_MODE="environment", MAX_CONCURRENT_JOBS=10))
-    keys = [server.submit("whisper_local", ["--sleep", "2"])["key"] for _ in range(5)]
+    keys = [server.submit("whisper_local", ["--sleep", "5"])["key"] for _ in range(5)]
 
     def placement() -> dict[int, str]:
         found = {}
@@ -103,7 +103,7 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
                 found[key] = json.loads(job["details"])["container"]["gpu_ids"]
         return found
 
-    first = wait_until(lambda: len(p := placement()) == 3 and p, 20)
+    first = wait_until(lambda: len(p := placement()) == 3 and p, 30)
     per_card: dict[str, int] = {}
     for ids in first.values():
         for gpu in ids:
@@ -115,7 +115,7 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
     container = docker_client.containers.get(json.loads(server.job(some)["details"])["container"]["name"])
     assert f"NVIDIA_VISIBLE_DEVICES={first[some][0]}" in container.attrs["Config"]["Env"]
     for key in keys:
-        assert server.wait_final(key, 30)["status"] == "complete"
+        assert server.wait_final(key, 60)["status"] == "complete"
 
 
 def test_a_gpu_container_this_server_did_not_start_holds_its_memory(make_server: Callable[..., Server],

@@ -1,17 +1,17 @@
-"""Start-up checks of a configuration against the Docker engine: warnings, never a refusal to start."""
+"""Start-up checks of a configuration against its engine (Docker or Slurm): warnings, never a refusal to start."""
 
 from __future__ import annotations
 
 from .config import Config
 from .errors import RuntimeUnavailable
-from .runtime.base import Runtime, no_gpu_runtime
+from .runtime.base import Backend
 
 
-def engine_warnings(config: Config, runtime: Runtime) -> list[str]:
+def engine_warnings(config: Config, runtime: Backend) -> list[str]:
     try:
         runtime.ping()
     except RuntimeUnavailable as exc:
-        return [f"Docker: {exc.message}. Jobs wait in the queue until it answers."]
+        return [f"{runtime.engine}: {exc.message}. Jobs wait in the queue until it answers."]
     warnings = []
     missing = [
         f"{name} ({service.image_name})"
@@ -22,8 +22,9 @@ def engine_warnings(config: Config, runtime: Runtime) -> list[str]:
         warnings.append(
             f"images not in the Docker engine: {', '.join(missing)}; their jobs fail until the images are built"
         )
-    if config.gpu_enabled and config.gpu_device_mode == "device_requests" and runtime.gpu_runtime() is None:
-        warnings.append(no_gpu_runtime(n for n in config.docker_endpoints if config.service_uses_gpu(n)))
+    gpu_services = [n for n in config.docker_endpoints if config.service_uses_gpu(n)]
+    if gpu_services and runtime.gpu_problem() is not None:
+        warnings.append(f"{runtime.gpu_problem()} (GPU services: {', '.join(gpu_services)})")
     return warnings
 
 

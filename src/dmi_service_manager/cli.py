@@ -39,13 +39,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import ENV_CONFIG, ENV_PORT, ENV_SUPERVISOR
     from .checks import engine_warnings
-    from .runtime.docker import DockerRuntime
+    from .runtime.backends import make_backend
     from .serving import HEAD_SECONDS, MAX_HEAD_BYTES, MAX_HEADERS, raise_descriptor_limit, uvicorn_settings
 
     loaded = _load(args.config)
     config = loaded.config
     print(f"dsm: using {loaded.source}", file=sys.stderr)
-    warnings = loaded.warnings + engine_warnings(config, DockerRuntime(config.docker_host, timeout=5))
+    warnings = loaded.warnings + engine_warnings(config, make_backend(config, timeout=5))
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     os.environ[ENV_CONFIG] = str(Path(args.config).resolve()) if args.config else ""
@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .checks import describe_endpoints, engine_warnings
-    from .runtime.docker import DockerRuntime
+    from .runtime.backends import make_backend
 
     loaded = _load(args.path)
     print(f"{loaded.source}: valid")
@@ -79,7 +79,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  {line}")
     warnings = loaded.warnings
     if not args.offline:
-        warnings += engine_warnings(loaded.config, DockerRuntime(loaded.config.docker_host, timeout=5))
+        backend = make_backend(loaded.config, timeout=5)
+        engine = engine_warnings(loaded.config, backend)
+        answers = not any(w.startswith(f"{backend.engine}:") for w in engine)
+        print(f"backend: {backend.name} ({backend.engine}) " + ("answers" if answers else "does not answer"))
+        warnings += engine
     for warning in warnings:
         print(f"warning: {warning}")
     if warnings and args.strict:

@@ -181,6 +181,14 @@ class Config(_Model):
     callback_allowed_hosts: list[str] = Field(default_factory=list, alias="CALLBACK_ALLOWED_HOSTS")
     abandon_after_hours: float | None = Field(default=None, gt=0, alias="ABANDON_AFTER_HOURS")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", alias="LOG_LEVEL")
+    # Where jobs run: the local Docker engine, or a Slurm cluster (see docs/scaling.md).
+    backend: Literal["docker", "slurm"] = Field(default="docker", alias="BACKEND")
+    slurm_partition: str | None = Field(default=None, alias="SLURM_PARTITION")
+    slurm_account: str | None = Field(default=None, alias="SLURM_ACCOUNT")
+    slurm_container_engine: Literal["docker", "podman"] = Field(default="docker", alias="SLURM_CONTAINER_ENGINE")
+    slurm_spool_path: Path | None = Field(default=None, alias="SLURM_SPOOL_PATH")
+    slurm_poll_seconds: float = Field(default=2.0, gt=0, le=60, alias="SLURM_POLL_SECONDS")
+    slurm_extra_args: list[str] = Field(default_factory=list, alias="SLURM_EXTRA_ARGS")
     # The GA4GH TES front door: off unless an admin opens it (see docs/tes.md).
     tes_enabled: bool = Field(default=False, alias="TES_ENABLED")
     tes_allowed_images: list[str] = Field(default_factory=list, alias="TES_ALLOWED_IMAGES")
@@ -251,6 +259,12 @@ class Config(_Model):
 
     def server_url(self, port: int) -> str:
         return (self.dmi_sm_server or f"http://localhost:{port}").rstrip("/")
+
+    @property
+    def slurm_spool_folder(self) -> Path:
+        """Where Slurm jobs' scripts and outcomes live: SLURM_SPOOL_PATH (on storage every node sees), else
+        `slurm-jobs` beside the database."""
+        return self.slurm_spool_path or self.database_file.parent / "slurm-jobs"
 
     @property
     def tes_work_folder(self) -> Path:
@@ -335,7 +349,7 @@ def _format_validation(exc: ValidationError) -> str:
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for key in ("DATABASE_FILE", "4CAT_DATASETS_PATH", "UPLOAD_FOLDER_PATH", "TES_WORK_PATH"):
+    for key in ("DATABASE_FILE", "4CAT_DATASETS_PATH", "UPLOAD_FOLDER_PATH", "TES_WORK_PATH", "SLURM_SPOOL_PATH"):
         value = data.get(key)
         if isinstance(value, str | Path):
             data[key] = str((base / Path(value).expanduser()).resolve())
@@ -375,6 +389,14 @@ def _check_folders(config: Config, create: bool) -> list[str]:
                 warnings.append(f"DOCKER_ENDPOINTS.{name}.volumes: {host} does not exist on this host")
     if config.gpu_inventory is not None and not config.gpu_enabled:
         warnings.append("GPU_INVENTORY is set but GPU_ENABLED is not, so it is not used")
+    if config.backend == "slurm":
+        try:
+            config.slurm_spool_folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"SLURM_SPOOL_PATH: cannot create {config.slurm_spool_folder}: {exc.strerror}") from None
+        if config.gpu_enabled and config.gpu_inventory is None:
+            warnings.append("BACKEND is slurm and GPU_ENABLED is set: declare the cards a job can get in"
+                            " GPU_INVENTORY, so that 4CAT's GPU check can answer from the cluster's view")
     if config.tes_enabled:
         for root in config.tes_file_roots:
             if not root.is_dir():

@@ -27,7 +27,9 @@ from .jobs.service import JobService
 from .jobs.store import Store
 from .jobs.webhooks import Webhooks
 from .jobs.workload import Workload
-from .runtime.docker import DockerRuntime
+from .runtime.backends import make_backend
+from .runtime.base import Backend
+from .runtime.docker import DockerBackend
 from .tes.service import TesService
 from .tes.workload import TesWorkload
 from .tokens import Tokens
@@ -44,7 +46,7 @@ class AppContext:
     config: Config
     port: int
     store: Store
-    runtime: DockerRuntime
+    backend: Backend
     gpus: GpuInventory
     workloads: dict[Kind, Workload]
     jobs: JobService
@@ -66,15 +68,15 @@ class AppContext:
         for note in store.migrate():
             log.warning(note)
         instance_id = store.instance_id()
-        runtime = DockerRuntime(config.docker_host)
-        gpus = GpuInventory(config, runtime)
+        backend = make_backend(config)
+        gpus = GpuInventory(config, backend if isinstance(backend, DockerBackend) else None)
         doorbell = Doorbell(instance_id, config.database_file)
         leadership = Leadership(Path(f"{config.database_file}.scheduler.lock"))
         workloads: dict[Kind, Workload] = {
             Kind.FOURCAT: FourCatWorkload(config, instance_id, config.server_url(port)),
             Kind.TES: TesWorkload(config, instance_id),
         }
-        jobs = JobService(config, store, gpus, runtime, workloads, doorbell.ring)
+        jobs = JobService(config, store, gpus, backend, workloads, doorbell.ring)
         files = FileService(config.upload_folder_path, fsync=config.upload_fsync,
                             allowed_extensions=config.allowed_extensions, max_upload_bytes=config.max_upload_bytes,
                             in_use=jobs.collections_in_use)
@@ -82,12 +84,12 @@ class AppContext:
             config=config,
             port=port,
             store=store,
-            runtime=runtime,
+            backend=backend,
             gpus=gpus,
             workloads=workloads,
             jobs=jobs,
             files=files,
-            health=Health(config, jobs, runtime, gpus, instance_id, leadership.holder_pid, lambda: False),
+            health=Health(config, jobs, backend, gpus, instance_id, leadership.holder_pid, lambda: False),
             tes=TesService(config, jobs, store, instance_id),
             tokens=Tokens(store),
             policy=AccessPolicy(config.ip_whitelist, config.trusted_proxies),
@@ -120,7 +122,7 @@ class AppContext:
     def _lead(self) -> None:
         log.info("this process (instance %s) runs the scheduler", self.instance_id)
         self._sweep_staging()
-        self.scheduler = Scheduler(self.config, self.store, self.runtime, self.gpus, self.instance_id,
+        self.scheduler = Scheduler(self.config, self.store, self.backend, self.gpus, self.instance_id,
                                    self.workloads, on_final=self.webhooks.job_final)
         self.scheduler.start()
         threading.Thread(target=self.doorbell.listen, args=(self.scheduler.wake, self._stop),

@@ -10,7 +10,7 @@ from .config import Config
 from .errors import GpuUnavailable, RuntimeUnavailable
 from .gpu.nvml import GpuInventory
 from .jobs.service import JobService
-from .runtime.base import Runtime
+from .runtime.base import Backend
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class HealthReport:
 
 
 class Health:
-    def __init__(self, config: Config, jobs: JobService, runtime: Runtime, gpus: GpuInventory, instance_id: str,
+    def __init__(self, config: Config, jobs: JobService, runtime: Backend, gpus: GpuInventory, instance_id: str,
                  scheduler_pid: Callable[[], int | None], scheduler_here: Callable[[], bool]) -> None:
         self.config = config
         self.jobs = jobs
@@ -37,7 +37,8 @@ class Health:
             engine = {"ok": True, "note": "reachable"}
         except RuntimeUnavailable as exc:
             engine = {"ok": False, "note": exc.message}
-            problems.append(f"Docker: {exc.message}")
+            problems.append(f"{self.runtime.engine}: {exc.message}")
+        engine["backend"] = self.runtime.name
         try:
             database: dict[str, Any] = {"ok": True, "path": str(self.config.database_file),
                                         "jobs": self.jobs.counts()}
@@ -56,7 +57,8 @@ class Health:
             "status": "ok" if not problems else "error",
             "message": "all is well" if not problems else "; ".join(problems),
             "instance": self.instance_id,
-            "docker": engine,
+            "engine": engine,
+            "docker": engine,  # the key of earlier versions, kept for monitoring that reads it
             "database": database,
             "gpu": gpu,
             "scheduler": {"pid": self.scheduler_pid(), "here": self.scheduler_here()},

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import GpuUnavailable, RuntimeUnavailable
-from ..runtime.base import ContainerSpec, Runtime, StartFailed
+from ..runtime.base import ContainerSpec, StartFailed
+from ..runtime.docker import DockerBackend
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,12 @@ def parse_nvidia_smi(output: str) -> list[GpuCard]:
 
 
 class GpuInventory:
-    def __init__(self, config: Config, runtime: Runtime) -> None:
+    """The cards jobs can get. With a local engine, this host's (`docker` is where nvidia-smi may run); with
+    an engine that places GPUs itself (Slurm), only what GPU_INVENTORY declares for the cluster."""
+
+    def __init__(self, config: Config, docker: DockerBackend | None) -> None:
         self.config = config
-        self.runtime = runtime
+        self.docker = docker
         self._nvml = _Nvml()
         self._cache: tuple[float, list[GpuCard] | GpuUnavailable, str] | None = None
         self._lock = threading.Lock()
@@ -109,6 +113,8 @@ class GpuInventory:
             return [GpuCard(id=c.id, name=c.name, total=c.memory, free=None) for c in self.config.gpu_inventory], (
                 "declared"
             )
+        if self.docker is None:
+            raise GpuUnavailable("the cluster's GPUs are not declared: set GPU_INVENTORY to the cards a job can get")
         with self._lock:
             if self._cache and time.monotonic() - self._cache[0] < CACHE_SECONDS:
                 if isinstance(self._cache[1], GpuUnavailable):
@@ -142,7 +148,8 @@ class GpuInventory:
             gpu_ids=["all"],
         )
         try:
-            code, output = self.runtime.run_to_completion(spec, NVIDIA_SMI_TIMEOUT)
+            assert self.docker is not None
+            code, output = self.docker.run_to_completion(spec, NVIDIA_SMI_TIMEOUT)
         except (StartFailed, RuntimeUnavailable) as exc:
             raise GpuUnavailable("; ".join([*reasons, f"nvidia-smi in a container failed: {exc}"])) from None
         if code != 0:

@@ -53,7 +53,8 @@ def container_spec(
         user=service.user,
         environment=dict(service.environment),
         gpu_ids=gpu_ids,
-        gpu_mode=config.gpu_device_mode,
+        gpus=service.gpus if config.service_uses_gpu(job.service) else 0,
+        timeout=job.timeout,
         shm_size=service.shm_size,
         mem_limit=service.mem_limit,
         cpus=service.cpus,
@@ -86,7 +87,7 @@ def outcome(
     stdout: CapturedLog,
     stderr: CapturedLog,
     *,
-    docker_outage: bool = False,
+    engine_outage: str | None = None,
 ) -> Outcome:
     """The final status and results of a job whose container has ended.
 
@@ -98,9 +99,9 @@ def outcome(
     notes = []
     if job.stop_reason:
         notes.append(job.stop_detail or f"The job was {_STOP_MESSAGES.get(StopReason(job.stop_reason), 'stopped')}.")
-    elif docker_outage and code != 0:
+    elif engine_outage and code != 0:
         notes.append(
-            f"The Docker daemon restarted or was unreachable while this job ran; its container ended with exit"
+            f"The {engine_outage} restarted or was unreachable while this job ran; its container ended with exit"
             f" code {code}."
         )
     if code != 0 and "argument list too long" in stderr.text[:2000]:
@@ -133,7 +134,7 @@ def outcome(
     failure = None
     if failed:
         failure = (stop_failure(job) if job.stop_reason else Failure.OOM if state.oom_killed
-                   else Failure.ENGINE if docker_outage else Failure.EXIT_CODE)
+                   else Failure.ENGINE if engine_outage else Failure.EXIT_CODE)
     return Outcome(status=JobStatus.ERROR if failed else JobStatus.COMPLETE, results=results, failure=failure)
 
 
@@ -152,7 +153,7 @@ class FourCatWorkload:
         return container_spec(job, self.config, self.instance_id, self.server_url, gpu_ids)
 
     def step_ended(self, job: Job, exit: StepExit) -> Ended:
-        result = outcome(job, exit.state, exit.stdout, exit.stderr, docker_outage=exit.engine_outage)
+        result = outcome(job, exit.state, exit.stdout, exit.stderr, engine_outage=exit.engine_outage)
         return Ended(status=result.status, results=result.results, failure=result.failure)
 
     def failed(self, job: Job, message: str, failure: Failure) -> Ended:

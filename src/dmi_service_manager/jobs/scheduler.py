@@ -10,6 +10,7 @@ tie containers to jobs, and a container's deterministic name stops a step from e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,13 +25,11 @@ from ..runtime.base import (
     LABEL_INSTANCE,
     LABEL_JOB,
     LABEL_STEP,
-    ContainerExists,
+    Backend,
     ContainerState,
     EventStream,
-    Runtime,
     StartFailed,
     check_argv,
-    no_gpu_runtime,
 )
 from . import placement
 from .launch import stop_failure
@@ -52,9 +51,9 @@ class _Flags:
     """What the scheduler knows beyond the database; all of it may be lost on a restart."""
 
     busy: set[int] = field(default_factory=set)  # jobs with a start, stop or finish in flight
-    exited: dict[int, str] = field(default_factory=dict)  # job -> container that Docker says died
+    exited: dict[int, str] = field(default_factory=dict)  # job -> run that the engine says ended
     passes: dict[int, int] = field(default_factory=dict)
-    docker_lost_at: float | None = None
+    engine_lost_at: float | None = None
     outage_windows: list[tuple[float, float]] = field(default_factory=list)
     foreign: list[tuple[str, str]] = field(default_factory=list)  # (container, service) we did not start
     warned_foreign: set[str] = field(default_factory=set)
@@ -68,7 +67,7 @@ class Scheduler:
         self,
         config: Config,
         store: Store,
-        runtime: Runtime,
+        backend: Backend,
         gpus: GpuInventory,
         instance_id: str,
         workloads: dict[Kind, Workload],
@@ -76,7 +75,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.store = store
-        self.runtime = runtime
+        self.backend = backend
         self.gpus = gpus
         self.instance_id = instance_id
         self.workloads = workloads
@@ -94,7 +93,7 @@ class Scheduler:
     # -- lifecycle
 
     def start(self) -> None:
-        for target, name in ((self._loop, "dsm-scheduler"), (self._watch_events, "dsm-docker-events")):
+        for target, name in ((self._loop, "dsm-scheduler"), (self._watch_events, "dsm-engine-events")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
@@ -108,8 +107,8 @@ class Scheduler:
         self._wake.set()
 
     @property
-    def docker_reachable(self) -> bool:
-        return self._flags.docker_lost_at is None
+    def engine_reachable(self) -> bool:
+        return self._flags.engine_lost_at is None
 
     # -- the loop
 
@@ -122,7 +121,7 @@ class Scheduler:
             try:
                 self.tick()
             except RuntimeUnavailable as exc:
-                self._docker_lost(str(exc))
+                self._engine_lost(str(exc))
             except Exception:
                 log.exception("scheduler tick failed; trying again")
                 time.sleep(TICK_SECONDS)
@@ -133,11 +132,11 @@ class Scheduler:
         holding = [j for j in jobs if j.holds_capacity]
         waiting = [j for j in jobs if not j.holds_capacity]
         due = self._flags.reconcile_due or now - self._flags.last_reconcile > RECONCILE_SECONDS
-        if due and self.docker_reachable:
+        if due and self.engine_reachable:
             self._reconcile(holding)
         self._finish_exited()
         self._enforce_limits(holding, waiting, now)
-        if self.docker_reachable:
+        if self.engine_reachable:
             self._admit([j for j in waiting if j.stop_reason is None], holding)
 
     # -- starting
@@ -168,6 +167,8 @@ class Scheduler:
                 if reason:
                     self._fail(job, f"This job cannot run on this server's GPUs: {reason}.", Failure.CONFIG)
                     continue
+                if self.backend.places_gpus:  # the engine queues it for a card (Slurm's GRES), not this server
+                    demand = dataclasses.replace(demand, uses_gpu=False)
             demands.append(demand)
         limits = placement.Limits(
             max_jobs=self.config.max_concurrent_jobs,
@@ -217,7 +218,7 @@ class Scheduler:
             return
         services = {n: s for n, s in self.config.docker_endpoints.items() if self.config.service_uses_gpu(n)}
         found = []
-        for state in self.runtime.running_of_images(sorted({s.image_name for s in services.values()})):
+        for state in self.backend.running_of_images(sorted({s.image_name for s in services.values()})):
             if state.labels.get(LABEL_INSTANCE) == self.instance_id:
                 continue
             # By the name it was made from, else by image id; of several services, the largest estimate.
@@ -238,13 +239,14 @@ class Scheduler:
         """The id the image name stands for now; cached briefly, as every job of a service asks."""
         cached = self._image_ids.get(image)
         if cached is None or time.monotonic() - cached[0] > IMAGE_ID_SECONDS:
-            cached = (time.monotonic(), self.runtime.image_id(image) or "")
+            cached = (time.monotonic(), self.backend.image_id(image) or "")
             self._image_ids[image] = cached
         return cached[1]
 
-    def _has_gpu_runtime(self) -> str | None:
+    def _gpu_problem(self) -> str | None:
+        """Whether the backend can attach GPUs; asked once a minute, as every GPU job asks."""
         if self._gpu_runtime is None or time.monotonic() - self._gpu_runtime[0] > 60:
-            self._gpu_runtime = (time.monotonic(), self.runtime.gpu_runtime())
+            self._gpu_runtime = (time.monotonic(), self.backend.gpu_problem())
         return self._gpu_runtime[1]
 
     def _start(self, job: Job, gpu_ids: list[str]) -> None:
@@ -262,7 +264,7 @@ class Scheduler:
             else:
                 with self._lock:
                     self._flags.reconcile_due = True
-            self._docker_lost(str(exc))
+            self._engine_lost(str(exc))
         except Exception as exc:
             log.exception("job %s: unexpected error while starting", job.id)
             self._fail(job, f"The server failed to start this job: {exc}", Failure.START)
@@ -270,51 +272,36 @@ class Scheduler:
             self._release(job.id)
 
     def _launch(self, job: Job, gpu_ids: list[str]) -> None:
-        """Create and start the container of the job's current step, never a second one of it."""
-        container_id: str | None = None
+        """Start the run of the job's current step, never a second one of it."""
         try:
             spec = self.workloads[job.kind].spec(job, gpu_ids)
-            too_long = check_argv(spec.argv)
+            too_long = check_argv([*(spec.entrypoint or []), *spec.argv])
             if too_long:
                 raise StartFailed(too_long)
-            if gpu_ids and self.config.gpu_device_mode == "device_requests" and not self._has_gpu_runtime():
-                raise StartFailed(no_gpu_runtime())
-            try:
-                container_id = self.runtime.create(spec)
-                fresh = True
-            except ContainerExists:  # made before a crash: finish that start, never make a second one
-                existing = self.runtime.inspect(spec.name)
-                if existing is None:
-                    raise StartFailed("The job's container vanished while it was being started.") from None
-                container_id, fresh = existing.id, existing.status == "created"
+            if (spec.gpu_ids or spec.gpus) and (problem := self._gpu_problem()):
+                raise StartFailed(problem)
             current = self.store.get(job.id)
-            if current is None or current.stop_reason or current.status.final:
-                self.runtime.remove(container_id)
-                if current is not None and not current.status.final:
-                    self._fail(current, current.stop_detail or "The job was cancelled before it started.",
-                               stop_failure(current))
+            if current is None or current.status.final:
                 return
+            if current.stop_reason:
+                self._fail(current, current.stop_detail or "The job was cancelled before it started.",
+                           stop_failure(current))
+                return
+            launched = self.backend.launch(spec)
             if current.status == JobStatus.PENDING:
                 details = job.details_dict()
                 details["container"] = {"name": spec.name, "image": spec.image,
                                         "image_id": self._image_id(spec.image), "argv": spec.argv,
-                                        "gpu_ids": gpu_ids}
-                self.store.mark_running(job.id, container_id=container_id, gpu_ids=gpu_ids, details=details)
+                                        "gpu_ids": gpu_ids, "backend": self.backend.name}
+                self.store.mark_running(job.id, container_id=launched.run_id, gpu_ids=gpu_ids, details=details)
             else:
-                self.store.set_container(job.id, container_id, current.step)
-            if fresh:
-                self.runtime.start(container_id, spec)
-                started = time.time()
-            else:
-                state = self.runtime.inspect(container_id)
-                started = state.started_at if state and state.started_at else time.time()
-            self.store.set_started(job.id, started)
-            log.info("job %s started: container %s (step %s) on %s", job.id, container_id[:12], current.step,
-                     gpu_ids or "CPU")
+                self.store.set_container(job.id, launched.run_id, current.step)
+            if launched.started_at is not None:  # else the engine queues it: the reconcile pass records it
+                self.store.set_started(job.id, launched.started_at)
+            log.info("job %s started: %s %s (step %s) on %s", job.id, self.backend.name, launched.run_id[:12],
+                     current.step, gpu_ids or (f"{spec.gpus} GPU(s) of the engine's choice" if spec.gpus else "CPU"))
         except StartFailed as exc:
             log.warning("job %s could not start: %s", job.id, exc)
-            if container_id is not None:
-                self._quietly(self.runtime.remove, container_id)
             self._fail(job, str(exc), Failure.START)
 
     # -- finishing
@@ -332,7 +319,7 @@ class Scheduler:
         try:
             self._finish(job_id, container_id)
         except RuntimeUnavailable as exc:
-            self._docker_lost(str(exc))
+            self._engine_lost(str(exc))
         except Exception:
             log.exception("job %s: could not record its end; will retry", job_id)
             with self._lock:
@@ -343,12 +330,12 @@ class Scheduler:
     def _finish(self, job_id: int, container_id: str, *, outage: bool = False) -> None:
         job = self.store.get(job_id)
         if job is None or job.status.final:
-            self.runtime.remove(container_id)
+            self.backend.remove(container_id)
             return
         if job.container_id != container_id:  # an earlier step's container, already recorded
-            self._quietly(self.runtime.remove, container_id)
+            self._quietly(self.backend.remove, container_id)
             return
-        state = self.runtime.inspect(container_id)
+        state = self.backend.inspect(container_id)
         if state is None:
             self._fail(job, "The job's container disappeared (removed outside this server) before its end was"
                        " recorded.", Failure.ENGINE)
@@ -356,12 +343,12 @@ class Scheduler:
         if not state.ended:
             return
         if int(state.labels.get(LABEL_STEP, job.step)) != job.step:
-            self.runtime.remove(container_id)  # a step already recorded; a crash kept its container
+            self.backend.remove(container_id)  # a step already recorded; a crash kept its container
             return
         limit = self.config.log_max_bytes
-        exit = StepExit(state=state, stdout=self.runtime.logs(container_id, "stdout", limit),
-                        stderr=self.runtime.logs(container_id, "stderr", limit),
-                        engine_outage=outage or self._in_outage(state.finished_at))
+        exit = StepExit(state=state, stdout=self.backend.logs(container_id, "stdout", limit),
+                        stderr=self.backend.logs(container_id, "stderr", limit),
+                        engine_outage=self.backend.engine if outage or self._in_outage(state.finished_at) else None)
         result = self.workloads[job.kind].step_ended(job, exit)
         if isinstance(result, NextStep):
             if job.stop_reason:  # stopped between two steps: the workload says how it ends
@@ -371,19 +358,19 @@ class Scheduler:
                 # The log and the next step first, then the old container goes, then the next one starts:
                 # a crash anywhere in between resumes at the right step (see _reconcile).
                 self.store.advance_step(job_id, result.step, result.task_log)
-                self.runtime.remove(container_id)
+                self.backend.remove(container_id)
                 following = self.store.get(job_id)
                 if following is not None and not following.status.final:
                     self._launch(following, list(job.gpu_ids))
                 return
         if job.stop_reason:
             # Stopped by us (timeout, cancel): the job says so only once its container is gone.
-            self.runtime.remove(container_id)
+            self.backend.remove(container_id)
             self._end(job_id, result)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
             self._end(job_id, result)
-            self.runtime.remove(container_id)
+            self.backend.remove(container_id)
         log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
 
     def _end(self, job_id: int, ended: Ended, message: str | None = None) -> None:
@@ -441,24 +428,24 @@ class Scheduler:
     def _stop_task(self, job_id: int, container_id: str) -> None:
         try:
             log.info("job %s: stopping container %s", job_id, container_id[:12])
-            self.runtime.stop(container_id, self.config.stop_grace_seconds)
+            self.backend.stop(container_id, self.config.stop_grace_seconds)
             self._finish(job_id, container_id)
         except RuntimeUnavailable as exc:
-            self._docker_lost(str(exc))
+            self._engine_lost(str(exc))
         except Exception:
             log.exception("job %s: could not stop its container; will retry", job_id)
         finally:
             self._release(job_id)
 
-    # -- what Docker tells us
+    # -- what the engine tells us
 
     def _watch_events(self) -> None:
         """Follow container events; on every (re)connection, reconcile what happened meanwhile."""
         while not self._stop.is_set():
             try:
-                stream = self.runtime.events(self.labels)
+                stream = self.backend.events(self.labels)
                 self._events = stream
-                self._docker_back()
+                self._engine_back()
                 for event in stream:
                     if event.action not in ("die", "oom", "destroy"):
                         continue
@@ -468,32 +455,32 @@ class Scheduler:
                             self._flags.exited[int(job_id)] = event.container_id
                         self._wake.set()
                 if not self._stop.is_set():
-                    self._docker_lost("the Docker event stream ended")
+                    self._engine_lost(f"the {self.backend.engine}'s event stream ended")
             except RuntimeUnavailable as exc:
-                self._docker_lost(str(exc))
+                self._engine_lost(str(exc))
             except Exception as exc:
-                self._docker_lost(f"the Docker event stream failed: {exc}")
+                self._engine_lost(f"the {self.backend.engine}'s event stream failed: {exc}")
             self._stop.wait(RECONNECT_SECONDS)
 
-    def _docker_lost(self, why: str) -> None:
+    def _engine_lost(self, why: str) -> None:
         with self._lock:
-            if self._flags.docker_lost_at is not None:
+            if self._flags.engine_lost_at is not None:
                 return
-            self._flags.docker_lost_at = time.time()
-            log.error("lost the Docker engine: %s; reconnecting", why)
-        # Whatever failed, reconnect the event stream: its reconnection is what declares Docker back
+            self._flags.engine_lost_at = time.time()
+            log.error("lost the %s: %s; reconnecting", self.backend.engine, why)
+        # Whatever failed, reconnect the event stream: its reconnection is what declares the engine back
         # (and reconciles), so a failed call while the stream looked healthy cannot stall the queue.
         if self._events is not None:
             self._events.close()
 
-    def _docker_back(self) -> None:
+    def _engine_back(self) -> None:
         with self._lock:
-            lost = self._flags.docker_lost_at
+            lost = self._flags.engine_lost_at
             if lost is not None:
                 self._flags.outage_windows.append((lost, time.time()))
                 self._flags.outage_windows = self._flags.outage_windows[-20:]
-                log.warning("the Docker engine is back after %.1f s; reconciling jobs", time.time() - lost)
-            self._flags.docker_lost_at = None
+                log.warning("the %s is back after %.1f s; reconciling jobs", self.backend.engine, time.time() - lost)
+            self._flags.engine_lost_at = None
             self._flags.reconcile_due = True
             self._gpu_runtime = None
         self._wake.set()
@@ -512,7 +499,7 @@ class Scheduler:
         self._flags.last_reconcile = time.time()
         self._find_foreign()
         containers: dict[int, list[ContainerState]] = {}
-        for state in self.runtime.labelled(self.labels):
+        for state in self.backend.labelled(self.labels):
             label = state.labels.get(LABEL_JOB, "")
             if label.isdigit():
                 containers.setdefault(int(label), []).append(state)
@@ -525,7 +512,7 @@ class Scheduler:
                 if int(state.labels.get(LABEL_STEP, job.step)) == job.step:
                     found = state
                 else:  # a step already recorded, whose removal a crash interrupted
-                    self._quietly(self.runtime.remove, state.id)
+                    self._quietly(self.backend.remove, state.id)
             if found is None:
                 if job.status == JobStatus.RUNNING and job.container_id is None and not job.stop_reason:
                     self._submit(self._launch_task, job)  # between two steps: start the next
@@ -533,14 +520,15 @@ class Scheduler:
                     if job.stop_reason:  # we removed it after stopping it
                         self._fail(job, job.stop_detail or "The job was stopped.", stop_failure(job))
                     else:
-                        self._fail(job, "The job's container vanished (it was removed, or Docker lost it) while"
+                        self._fail(job, "The job's container vanished (it was removed, or the engine lost it) while"
                                    " this server was not watching; its results are unknown.", Failure.ENGINE)
                 else:
                     self.store.release_claim(job.id)  # claimed, never created: start it again
                 continue
             if found.status == "created" or job.status != JobStatus.RUNNING:
-                # Created before a crash but maybe never started: finish that start now, never a second one.
-                self._submit(self._start, job, list(job.gpu_ids))
+                # Made before a crash but maybe never started or recorded: finish that start now (never a
+                # second run, and never a second preparation under a run that may be going).
+                self._submit(self._launch_task, job)
             elif found.ended:
                 with self._lock:
                     self._flags.exited[job.id] = found.id
@@ -550,7 +538,7 @@ class Scheduler:
             owner = self.store.get(job_id)
             if owner is None or owner.status.final:
                 for state in states:
-                    self._quietly(self.runtime.remove, state.id)
+                    self._quietly(self.backend.remove, state.id)
         self._wake.set()
 
     def _submit(self, task: Any, job: Job, *args: Any) -> None:
@@ -562,7 +550,7 @@ class Scheduler:
         try:
             self._launch(job, list(job.gpu_ids))
         except RuntimeUnavailable as exc:
-            self._docker_lost(str(exc))
+            self._engine_lost(str(exc))
         except Exception:
             log.exception("job %s: could not start its next step; will retry", job.id)
         finally:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from ..config import GPU_DISABLED_REASON, Config
 from ..errors import BadRequest, GpuUnavailable, NotFound
 from ..gpu.nvml import GpuInventory
-from ..runtime.base import Runtime
+from ..runtime.base import Backend
 from . import placement
 from .model import Failure, Job, Kind, StopReason
 from .store import NewJob, Store
@@ -87,12 +87,12 @@ class JobLogs:
 
 
 class JobService:
-    def __init__(self, config: Config, store: Store, gpus: GpuInventory, runtime: Runtime,
+    def __init__(self, config: Config, store: Store, gpus: GpuInventory, backend: Backend,
                  workloads: dict[Kind, Workload], ring: Callable[[], None]) -> None:
         self.config = config
         self.store = store
         self.gpus = gpus
-        self.runtime = runtime
+        self.backend = backend
         self.workloads = workloads
         self.ring = ring
         self.endpoints = config.endpoints()
@@ -214,7 +214,7 @@ class JobService:
         job = self.get(job_id)
         if job.status.final or job.container_id is None:
             return JobLogs(job=job, stored=_stored_output(job.results_dict(), tail))
-        return JobLogs(job=job, stored=None, live=iter(self.runtime.follow_logs(job.container_id, tail, follow)))
+        return JobLogs(job=job, stored=None, live=iter(self.backend.follow_logs(job.container_id, tail, follow)))
 
     def gpu_check(self, service: str) -> GpuCheck:
         """Whether a job of `service` can get a GPU: 4CAT's check, with real figures and what is queued."""
@@ -229,7 +229,8 @@ class JobService:
             return GpuCheck("failed", exc.message)
         cards = [placement.Card.of(c) for c in found]
         jobs = self.store.active()
-        holding = [placement.Holding.of(j) for j in jobs if j.holds_capacity]
+        # Where the engine places GPUs (Slurm), a job that fits a card waits there for one: no reservations here.
+        holding = [] if self.backend.places_gpus else [placement.Holding.of(j) for j in jobs if j.holds_capacity]
         reserved = placement.reserved(holding, cards)
         queued = sum(1 for j in jobs if not j.holds_capacity and placement.uses_gpu(j, config))
 

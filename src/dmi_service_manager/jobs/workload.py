@@ -30,7 +30,7 @@ class StepExit:
     state: ContainerState
     stdout: CapturedLog
     stderr: CapturedLog
-    engine_outage: bool = False
+    engine_outage: str | None = None  # the engine, when it restarted or was unreachable while the run ended
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
-"""The small interface a container backend implements.
+"""The small interface a compute backend implements: the local Docker engine, or a Slurm cluster.
 
-The scheduler only ever talks to this; it never names Docker. A backend raises RuntimeUnavailable
-when the engine cannot be reached and StartFailed when a container cannot be made or started.
+The scheduler and the job service only ever talk to this; they never name an engine. A backend runs
+a container spec as a *run* it identifies by id (a container, a Slurm job), tells its state, stops,
+removes and reads it, lists the runs of this server for adoption after a restart, and reports runs
+that end. It answers the two GPU questions itself: whether it can attach GPUs here, and whether the
+engine places GPUs (Slurm's GRES) or this server does (placement.py, on a local engine). It raises
+RuntimeUnavailable when the engine cannot be reached and StartFailed when a run cannot be started.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class ContainerSpec:
     network: str = "host"
     user: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
-    gpu_ids: list[str] = field(default_factory=list)
-    gpu_mode: str = "device_requests"
+    gpu_ids: list[str] = field(default_factory=list)  # cards this server placed the run on
+    gpus: int = 0  # cards the run needs, for an engine that places GPUs itself
+    timeout: float | None = None  # for an engine that enforces it itself (a Slurm time limit)
     shm_size: int | None = None
     mem_limit: int | None = None
     cpus: float | None = None
@@ -82,7 +87,7 @@ class ContainerState:
     id: str
     name: str
     labels: dict[str, str]
-    status: str  # created | running | paused | restarting | removing | exited | dead
+    status: str  # created (made, never started) | waiting (queued by the engine) | running | exited | dead
     exit_code: int | None
     started_at: float | None
     finished_at: float | None
@@ -110,6 +115,12 @@ class ContainerEvent:
     labels: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Launched:
+    run_id: str
+    started_at: float | None  # None while the engine queues it (Slurm's PENDING)
+
+
 class EventStream(Protocol):
     """Container events as they happen; close() ends a blocked read from another thread."""
 
@@ -118,34 +129,43 @@ class EventStream(Protocol):
     def close(self) -> None: ...
 
 
-class Runtime(Protocol):
+class Backend(Protocol):
+    """Where runs happen. Every method may raise RuntimeUnavailable when the engine cannot be reached."""
+
+    name: str  # "docker" | "slurm"
+    engine: str  # the engine in words, for messages: "Docker daemon", "Slurm cluster"
+    places_gpus: bool  # True: the engine picks the cards (ContainerSpec.gpus); False: this server does (gpu_ids)
+
     def ping(self) -> None: ...
 
-    def create(self, spec: ContainerSpec) -> str: ...
+    def launch(self, spec: ContainerSpec) -> Launched:
+        """Start a run of `spec`. Idempotent by `spec.name`: a run of that name (made before a crash) is
+        started if it never was, and returned, never a second one."""
 
-    def start(self, container_id: str, spec: ContainerSpec | None = None) -> None: ...
+    def inspect(self, run_id: str) -> ContainerState | None: ...
 
-    def inspect(self, container_id: str) -> ContainerState | None: ...
+    def stop(self, run_id: str, grace: float) -> None: ...
 
-    def stop(self, container_id: str, grace: float) -> None: ...
+    def remove(self, run_id: str) -> None:
+        """Forget a run that ended (or stop and forget one that did not): nothing of it stays on the engine."""
 
-    def remove(self, container_id: str) -> None: ...
+    def logs(self, run_id: str, stream: str, limit: int) -> CapturedLog: ...
 
-    def logs(self, container_id: str, stream: str, limit: int) -> CapturedLog: ...
+    def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> Iterator[bytes]: ...
 
-    def follow_logs(self, container_id: str, tail: int | None, follow: bool) -> Iterator[bytes]: ...
+    def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
+        """This server's runs, ended ones too: what a restart adopts."""
 
-    def labelled(self, labels: dict[str, str]) -> list[ContainerState]: ...
+    def running_of_images(self, images: list[str]) -> list[ContainerState]:
+        """Runs of these images that may not be ours (the original server's): they hold GPUs we place."""
 
-    def running_of_images(self, images: list[str]) -> list[ContainerState]: ...
-
-    def events(self, labels: dict[str, str]) -> EventStream: ...
+    def events(self, labels: dict[str, str]) -> EventStream:
+        """Ends of this server's runs as they happen."""
 
     def image_id(self, image: str) -> str | None: ...
 
-    def gpu_runtime(self) -> str | None: ...
-
-    def run_to_completion(self, spec: ContainerSpec, timeout: float) -> tuple[int, str]: ...
+    def gpu_problem(self) -> str | None:
+        """Why GPUs cannot be attached to runs here, or None when they can."""
 
 
 __all__ = [
@@ -153,14 +173,15 @@ __all__ = [
     "LABEL_JOB",
     "LABEL_SERVICE",
     "LABEL_STEP",
+    "Backend",
     "CapturedLog",
     "ContainerEvent",
     "ContainerExists",
     "ContainerSpec",
     "ContainerState",
     "EventStream",
+    "Launched",
     "Mount",
-    "Runtime",
     "RuntimeUnavailable",
     "StartFailed",
     "argv_too_long",

@@ -1,10 +1,13 @@
-"""Docker Engine through the Docker SDK for Python: the one place that holds a Docker connection."""
+"""The Docker backend: the local Docker Engine through the Docker SDK, the one place that holds a
+Docker connection. This server places GPUs here, and hands them over as device requests (like
+`docker run --gpus`) or, where nvidia is Docker's default runtime, as NVIDIA_VISIBLE_DEVICES."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -22,6 +25,7 @@ from .base import (
     ContainerExists,
     ContainerSpec,
     ContainerState,
+    Launched,
     StartFailed,
     argv_too_long,
     no_gpu_runtime,
@@ -93,10 +97,15 @@ class DockerEventStream:
             self._stream.close()
 
 
-class DockerRuntime:
-    def __init__(self, base_url: str | None = None, timeout: float = 60) -> None:
+class DockerBackend:
+    name = "docker"
+    engine = "Docker daemon"
+    places_gpus = False
+
+    def __init__(self, base_url: str | None = None, timeout: float = 60, gpu_mode: str = "device_requests") -> None:
         self.base_url = base_url
         self.timeout = timeout
+        self.gpu_mode = gpu_mode
         self._client: docker.APIClient | None = None
 
     @property
@@ -124,7 +133,7 @@ class DockerRuntime:
         }
         environment = dict(spec.environment)
         if spec.gpu_ids:
-            if spec.gpu_mode == "environment":
+            if self.gpu_mode == "environment":
                 # With nvidia as Docker's default runtime, this variable alone picks the cards.
                 environment["NVIDIA_VISIBLE_DEVICES"] = ",".join(spec.gpu_ids)
             elif spec.gpu_ids == ["all"]:
@@ -159,6 +168,29 @@ class DockerRuntime:
                     raise ContainerExists(spec.name) from None
                 raise StartFailed(_describe_start_error(str(exc.explanation or exc), spec.image, spec.argv)) from None
         return str(created["Id"])
+
+    def launch(self, spec: ContainerSpec) -> Launched:
+        try:
+            container_id = self.create(spec)
+        except ContainerExists:  # made before a crash: finish that start, never make a second one
+            existing = self.inspect(spec.name)
+            if existing is None:
+                raise StartFailed("The job's container vanished while it was being started.") from None
+            if existing.status != "created":
+                return Launched(existing.id, existing.started_at)
+            container_id = existing.id
+        try:
+            self.start(container_id, spec)
+        except StartFailed:
+            with contextlib.suppress(Exception):  # the reason to report is the start's, not the clean-up's
+                self.remove(container_id)
+            raise
+        return Launched(container_id, time.time())
+
+    def gpu_problem(self) -> str | None:
+        if self.gpu_mode == "environment" or self.gpu_runtime() is not None:
+            return None
+        return no_gpu_runtime()
 
     def start(self, container_id: str, spec: ContainerSpec | None = None) -> None:
         with _engine():

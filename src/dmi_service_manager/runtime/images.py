@@ -23,7 +23,7 @@ import docker
 import docker.errors
 
 from ..errors import DsmError, RuntimeUnavailable
-from .docker import DockerRuntime
+from .docker import DockerBackend
 
 RECIPE_LABEL = "dmi-service-manager.recipe"
 SUITE = "bookworm"
@@ -112,13 +112,13 @@ def _context(recipe: Path) -> io.BytesIO:
     return buffer
 
 
-def build_service(name: str, *, force: bool = False, log: Log = print, runtime: DockerRuntime | None = None,
+def build_service(name: str, *, force: bool = False, log: Log = print, runtime: DockerBackend | None = None,
                   tag: str | None = None) -> str:
     """Build (or find cached) the image for a recipe; returns its tag."""
     recipe = find_recipe(name)
     image_name = tag or f"dsm-{recipe.name}:latest"
     digest = recipe_hash(recipe)
-    api = (runtime or DockerRuntime()).api
+    api = (runtime or DockerBackend()).api
     try:
         if not force:
             try:
@@ -148,9 +148,9 @@ def build_service(name: str, *, force: bool = False, log: Log = print, runtime: 
     return image_name
 
 
-def image_file(image: str, path: str, runtime: DockerRuntime | None = None) -> dict[str, bytes]:
+def image_file(image: str, path: str, runtime: DockerBackend | None = None) -> dict[str, bytes]:
     """The files under `path` inside an image (e.g. the OCR samples), read without running it."""
-    api = (runtime or DockerRuntime()).api
+    api = (runtime or DockerBackend()).api
     container = api.create_container(image=image, command=["true"])
     try:
         stream, _ = api.get_archive(container["Id"], path)

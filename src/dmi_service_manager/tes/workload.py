@@ -157,9 +157,10 @@ class TesWorkload:
             labels={LABEL_INSTANCE: self.instance_id, LABEL_JOB: str(job.id), LABEL_STEP: str(job.step)},
             mounts=mounts,
             network="bridge",  # never the host's network: a task is the client's code
-            environment=_environment(executor.env, gpu_ids),
+            environment=_environment(executor.env, gpu_ids, engine_places=bool(job.gpus) and not gpu_ids),
             gpu_ids=gpu_ids,
-            gpu_mode=self.config.gpu_device_mode,
+            gpus=job.gpus if self.config.gpu_enabled else 0,
+            timeout=job.timeout,
             mem_limit=job.mem_limit,
             cpus=job.cpus,
             workdir=executor.workdir,
@@ -188,7 +189,7 @@ class TesWorkload:
             if state.oom_killed:
                 why += "; it was killed for using more memory than resources.ram_gb allows"
             if exit.engine_outage:
-                return self._ended(job, task_log, f"{why} while the Docker engine restarted", Failure.ENGINE)
+                return self._ended(job, task_log, f"{why} while the {exit.engine_outage} restarted", Failure.ENGINE)
             return self._ended(job, task_log, why, Failure.OOM if state.oom_killed else Failure.EXIT_CODE,
                                returncode=code, stderr=exit.stderr.text)
         if job.step + 1 < len(task.executors):
@@ -247,10 +248,12 @@ class TesWorkload:
         return {"url": url, "path": path, "size_bytes": str(size)}
 
 
-def _environment(env: dict[str, str], gpu_ids: list[str]) -> dict[str, str]:
-    """The executor's variables, less any that would choose GPUs: a task sees only the cards it was given."""
+def _environment(env: dict[str, str], gpu_ids: list[str], *, engine_places: bool) -> dict[str, str]:
+    """The executor's variables, less any that would choose GPUs: a task sees only the cards it was given
+    (those this server placed it on, or those the engine allocates when it places GPUs itself)."""
     chosen = {k: v for k, v in env.items() if not k.upper().startswith("NVIDIA_")}
-    chosen["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids) if gpu_ids else "void"
+    if not engine_places:
+        chosen["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_ids) if gpu_ids else "void"
     return chosen
 
 
