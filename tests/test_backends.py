@@ -20,8 +20,10 @@ from typing import Any
 import docker
 import pytest
 
+from fourcat import FourCat
 from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
-from support import Server, base_config, wait_until
+from support import BUSYBOX, Server, base_config, wait_until
+from test_ocr import SENTENCES, four_cat_args, render, word_recall
 
 
 @dataclass
@@ -206,3 +208,56 @@ def test_check_config_says_whether_the_backend_answers(tmp_path: Path, slurm_clu
                           text=True, env={**os.environ, "SLURM_CONF": str(tmp_path / "no-such.conf")}, timeout=60,
                           check=False)
     assert "does not answer" in done.stdout, done.stdout + done.stderr
+
+
+def slurm_config(folder: Path, **overrides: Any) -> dict[str, Any]:
+    return base_config(folder, BACKEND="slurm", SLURM_SPOOL_PATH=str(folder / "slurm-jobs"), SLURM_POLL_SECONDS=0.5,
+                       **overrides)
+
+
+def test_4cat_runs_ocr_through_slurm_in_both_modes(make_server: Callable[..., Server], tmp_path: Path,
+                                                   slurm_cluster: SlurmCluster, ocr_image: str,
+                                                   docker_client: docker.DockerClient) -> None:
+    """Nothing changes for 4CAT: the same routes and files, the container run on a Slurm node."""
+    config = slurm_config(tmp_path)
+    config["DOCKER_ENDPOINTS"]["ocr"] = {"image_name": ocr_image, "local": True, "remote": True, "command": "ocr",
+                                         "data_path": "/app/data"}
+    server = make_server(config, env=slurm_cluster.env)
+    local = tmp_path / "local"
+    render(docker_client, local, "page one.png", SENTENCES[0])
+    client = FourCat(server.url, mode="remote")
+    files, results = client.send_files("slurm-collection", "slurm-results", [local / "page one.png"])
+    job = client.poll_until_done(client.submit("ocr", four_cat_args(
+        f"data/{results}", [f"data/{files}/{client.stored_name('page one.png')}"])), limit=180)
+    assert job["status"] == "complete", job
+    assert json.loads(job["details"])["container"]["backend"] == "slurm"
+    [saved] = client.download_results("slurm-collection", "slurm-results", tmp_path / "downloaded")
+    assert word_recall(SENTENCES[0], json.loads(saved.read_text())["simplified_text"]["raw_text"]) >= 0.9
+
+    render(docker_client, tmp_path / "4cat" / "staging", "local.png", SENTENCES[1])
+    local_client = FourCat(server.url, mode="local")
+    job = local_client.poll_until_done(local_client.submit("ocr", four_cat_args(
+        "data/staging/out", ["data/staging/local.png"])), limit=180)
+    result = json.loads((tmp_path / "4cat" / "staging" / "out" / "local.json").read_text())
+    assert job["status"] == "complete" and word_recall(SENTENCES[1], result["simplified_text"]["raw_text"]) >= 0.9
+
+
+def test_a_tes_task_runs_its_executors_through_slurm(make_server: Callable[..., Server], tmp_path: Path,
+                                                     slurm_cluster: SlurmCluster) -> None:
+    (tmp_path / "tes-data").mkdir()
+    server = make_server(slurm_config(tmp_path, TES_ENABLED=True, TES_ALLOWED_IMAGES=[BUSYBOX],
+                                      TES_FILE_ROOTS=[str(tmp_path / "tes-data")]), env=slurm_cluster.env)
+    token = subprocess.run([sys.executable, "-m", "dmi_service_manager", "token", "create", "--config",
+                            str(server.config_path), "--name", "slurm", "--scope", "submit"], capture_output=True,
+                           text=True, check=True, timeout=60).stdout.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    task = {"inputs": [{"path": "/in/words.txt", "content": "one\ntwo\nthree\n"}],
+            "outputs": [{"path": "/out/count.txt", "url": f"file://{tmp_path}/tes-data/count.txt"}],
+            "executors": [{"image": BUSYBOX, "command": ["sh", "-c", "wc -l < /in/words.txt > /vol/n"]},
+                          {"image": BUSYBOX, "command": ["cp", "/vol/n", "/out/count.txt"]}],
+            "volumes": ["/vol"]}
+    task_id = server.post("/ga4gh/tes/v1/tasks", json=task, headers=headers).json()["id"]
+    final = wait_until(lambda: (t := server.get(f"/ga4gh/tes/v1/tasks/{task_id}", headers=headers).json())["state"]
+                       in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR") and t, 180, 0.5, "the task to end")
+    assert final["state"] == "COMPLETE", server.get(f"/ga4gh/tes/v1/tasks/{task_id}?view=FULL", headers=headers).text
+    assert (tmp_path / "tes-data" / "count.txt").read_text().strip() == "3"
