@@ -187,7 +187,7 @@ class Config(_Model):
     slurm_account: str | None = Field(default=None, alias="SLURM_ACCOUNT")
     slurm_container_engine: Literal["docker", "podman"] = Field(default="docker", alias="SLURM_CONTAINER_ENGINE")
     slurm_spool_path: Path | None = Field(default=None, alias="SLURM_SPOOL_PATH")
-    slurm_poll_seconds: float = Field(default=2.0, gt=0, le=60, alias="SLURM_POLL_SECONDS")
+    slurm_poll_seconds: float = Field(default=1.0, gt=0, le=60, alias="SLURM_POLL_SECONDS")
     slurm_extra_args: list[str] = Field(default_factory=list, alias="SLURM_EXTRA_ARGS")
     # The GA4GH TES front door: off unless an admin opens it (see docs/tes.md).
     tes_enabled: bool = Field(default=False, alias="TES_ENABLED")

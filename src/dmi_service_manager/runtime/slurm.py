@@ -44,6 +44,7 @@ from .base import (
 log = logging.getLogger(__name__)
 
 COMMAND_SECONDS = 30.0
+QUEUE_SECONDS = 0.5
 NODE_CANNOT_SEE = 200  # the exit code a script uses when the node lacks a folder the job needs
 _ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
@@ -71,6 +72,8 @@ class SlurmBackend:
         self.spool = config.slurm_spool_folder
         self.container_engine = config.slurm_container_engine
         self.grace = config.stop_grace_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, tuple[str, str, str]]] | None = None
 
     # -- talking to Slurm
 
@@ -95,8 +98,13 @@ class SlurmBackend:
         if " is UP" not in output:
             raise RuntimeUnavailable(f"the Slurm controller is not reachable: {output.strip() or 'no answer'}")
 
-    def _queue(self) -> dict[str, tuple[str, str, str]]:
-        """Runs of this server's instance that Slurm knows: name -> (Slurm job id, state, start time)."""
+    def _queue(self, *, fresh: bool = False) -> dict[str, tuple[str, str, str]]:
+        """Runs that Slurm knows: name -> (Slurm job id, state, start time). One `squeue` serves every question
+        asked within QUEUE_SECONDS (the scheduler asks several per job), except where a stale answer could
+        submit a job twice."""
+        with self._lock:
+            if not fresh and self._cached and time.monotonic() - self._cached[0] < QUEUE_SECONDS:
+                return self._cached[1]
         output = self._run("squeue", "--noheader", "--all", "--states=all", "--format=%j|%i|%T|%S")
         found: dict[str, tuple[str, str, str]] = {}
         for line in output.splitlines():
@@ -104,6 +112,8 @@ class SlurmBackend:
             job_id, state, started = [*rest.split("|"), "", "", ""][:3]
             if name.startswith("dsm-"):
                 found[name] = (job_id, state, started)
+        with self._lock:
+            self._cached = (time.monotonic(), found)
         return found
 
     # -- one run's folder
@@ -121,7 +131,7 @@ class SlurmBackend:
 
     def launch(self, spec: ContainerSpec) -> Launched:
         folder = self._folder(spec.name)
-        queued = self._queue().get(spec.name)
+        queued = self._queue(fresh=True).get(spec.name)
         if queued is not None or self._read(spec.name, "exit_code") is not None:
             return Launched(spec.name, self._started(spec.name))  # submitted before a crash: never twice
         folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +251,7 @@ finish "$code"
             self._run("scancel", "--batch", "--signal=TERM", job_id, check=False)  # the script stops the container
             deadline = time.monotonic() + grace + 15
             while time.monotonic() < deadline and self._read(run_id, "exit_code") is None:
-                queued = self._queue().get(run_id)
+                queued = self._queue(fresh=True).get(run_id)
                 if queued is None or queued[1] in _WAITING or queued[1] in _ENDED:
                     break
                 time.sleep(0.5)
