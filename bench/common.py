@@ -77,11 +77,13 @@ class Process:
 
 
 @contextmanager
-def dsm_server(folder: Path, workers: int | None = None, **config: Any) -> Iterator[tuple[str, Process]]:
+def dsm_server(folder: Path, workers: int | None = None, env: dict[str, str] | None = None,
+               **config: Any) -> Iterator[tuple[str, Process]]:
     """`dsm serve` with a config of its own under `folder`.
 
     workers=None passes no `--workers` flag: the server runs exactly as a user's `dsm serve` does (its default
-    is one worker per CPU, at most 4). An int passes `--workers N`.
+    is one worker per CPU, at most 4). An int passes `--workers N`. `env`: added to os.environ for the server's
+    process (e.g. a Slurm cluster's SLURM_CONF).
     """
     (folder / "uploads").mkdir(exist_ok=True)
     (folder / "4cat").mkdir(exist_ok=True)
@@ -95,7 +97,7 @@ def dsm_server(folder: Path, workers: int | None = None, **config: Any) -> Itera
             "--host", "127.0.0.1", "--port", str(port)]
     if workers is not None:
         args += ["--workers", str(workers)]
-    process = Process(args, folder, log=folder / "dsm.log")
+    process = Process(args, folder, env=env, log=folder / "dsm.log")
     instance = None
     try:
         wait_http(f"http://127.0.0.1:{port}/api/")

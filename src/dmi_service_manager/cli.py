@@ -126,7 +126,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_build_service(args: argparse.Namespace) -> int:
     from .runtime.images import build_service
 
-    tag = build_service(args.name, force=args.force, log=lambda line: print(line, file=sys.stderr))
+    tag = build_service(args.name, force=args.force, log=lambda line: print(line, file=sys.stderr), gpu=args.gpu,
+                        models=Path(args.models) if args.models else None)
     print(tag)
     return 0
 
@@ -257,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-service", help="build a bundled service image (e.g. ocr) without a registry")
     build.add_argument("name")
     build.add_argument("--force", action="store_true", help="rebuild even when the recipe is unchanged")
+    build.add_argument("--gpu", action="store_true",
+                       help="the GPU variant (e.g. whisper with the CUDA libraries), tagged dsm-<name>-gpu:latest")
+    build.add_argument("--models", metavar="DIR",
+                       help="bake the models in DIR (one model folder, or a folder of them) into the image (whisper)")
     build.set_defaults(func=cmd_build_service)
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
