@@ -102,6 +102,14 @@ def test_the_exit_code_and_both_streams_come_back(serve: Callable[..., Server]) 
     assert "to stdout" in results["report"] and "CUDA error: out of memory" in results["error"]
 
 
+def test_the_container_reports_progress_with_its_key(serve: Callable[..., Server]) -> None:
+    """pass_key: the container posts to DMI_SM_SERVER from wherever it runs (a Slurm node too)."""
+    server = serve()
+    key = server.submit("fake_local", ["--progress", "2"], pass_key=True)["key"]
+    job = server.wait_final(key, 120)
+    assert job["status"] == "complete" and job["processed_records"] == 2 and job["message"] == "step 2 of 2"
+
+
 def test_a_timeout_stops_the_container(serve: Callable[..., Server], docker_client: docker.DockerClient) -> None:
     server = serve()
     key = server.submit("fake_local", ["--sleep", "120"], timeout=3)["key"]
