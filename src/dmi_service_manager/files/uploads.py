@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from python_multipart.multipart import MultipartParser
+from python_multipart.multipart import parse_options_header as multipart_options
 from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
@@ -111,7 +112,7 @@ class UploadReceiver:
     def _on_headers_finished(self) -> None:
         part = self._part
         disposition = part.headers.get(b"content-disposition", b"").decode("latin-1")
-        _, options = parse_options_header(disposition)
+        options = _disposition(disposition)
         part.field_name = _utf8(options.get("name", ""))
         filename = options.get("filename")
         if filename is None:
@@ -242,6 +243,16 @@ class UploadReceiver:
         if self.errors:
             log.warning("upload to %s: refused %s", display(collection), self.errors)
         return UploadResult(folder_name=folder_name, accepted=accepted, errors=self.errors)
+
+
+def _disposition(header: str) -> dict[str, str]:
+    """A part's Content-Disposition parameters. Plain `name="..."; filename="..."` (what 4CAT's requests
+    sends) is read by python-multipart's small parser; anything else (RFC 2231's `filename*=` from older
+    urllib3, a percent-escaped quote, a backslash) by werkzeug's, which decodes it as werkzeug would."""
+    if "*" in header or "\\" in header or "%" in header:
+        return dict(parse_options_header(header)[1])
+    _, options = multipart_options(header)
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in options.items()}
 
 
 def _utf8(value: str) -> str:
