@@ -15,6 +15,7 @@ import pytest
 
 from dmi_service_manager.runtime.docker import DockerBackend
 from dmi_service_manager.runtime.images import build_service
+from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
 from support import BUSYBOX, OCR, ROOT, Server, base_config, wait_until
 
 
@@ -36,6 +37,17 @@ def busybox_image(docker_client: docker.DockerClient) -> str:
 @pytest.fixture(scope="session")
 def ocr_image(docker_client: docker.DockerClient) -> str:
     return build_service("ocr", tag=OCR, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A private two-node Slurm cluster on this machine (tests/slurm_cluster.py), installed when missing."""
+    if os.geteuid() != 0:
+        pytest.skip("a private Slurm cluster needs root")
+    if slurm_missing():
+        install_slurm()
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import docker
 import pytest
 
 from fourcat import FourCat
-from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
+from slurm_cluster import SlurmCluster
 from support import BUSYBOX, Server, base_config, wait_until
 from test_ocr import SENTENCES, four_cat_args, render, word_recall
 
@@ -33,19 +33,6 @@ class Backend:
     env: dict[str, str]
     outage: Callable[[], None]
     cluster: SlurmCluster | None = None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("a private Slurm cluster needs root")
-    if slurm_missing():
-        install_slurm()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(params=["docker", "slurm"])

@@ -5,7 +5,6 @@ across a slurmctld restart. They also pin down the Slurm behaviour the backend r
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,20 +12,15 @@ from pathlib import Path
 import docker
 import pytest
 
-from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
+from slurm_cluster import SlurmCluster
 from support import BUSYBOX, wait_until
 
 LABEL = "dsm-slurm-smoke-test"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the Slurm test cluster needs root")
-    if slurm_missing():
-        install_slurm()
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as started:
-        yield started
+@pytest.fixture
+def cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
+    return slurm_cluster
 
 
 @pytest.fixture
