@@ -74,6 +74,7 @@ class SlurmBackend:
         self.grace = config.stop_grace_seconds
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, tuple[str, str, str]]] | None = None
+        self._submitted: dict[str, float] = {}  # run -> when this process submitted it
 
     # -- talking to Slurm
 
@@ -105,6 +106,7 @@ class SlurmBackend:
         with self._lock:
             if not fresh and self._cached and time.monotonic() - self._cached[0] < QUEUE_SECONDS:
                 return self._cached[1]
+        asked = time.monotonic()  # what the answer can know of: a job submitted after this is not in it
         output = self._run("squeue", "--noheader", "--all", "--states=all", "--format=%j|%i|%T|%S")
         found: dict[str, tuple[str, str, str]] = {}
         for line in output.splitlines():
@@ -113,7 +115,7 @@ class SlurmBackend:
             if name.startswith("dsm-"):
                 found[name] = (job_id, state, started)
         with self._lock:
-            self._cached = (time.monotonic(), found)
+            self._cached = (asked, found)
         return found
 
     # -- one run's folder
@@ -158,6 +160,9 @@ class SlurmBackend:
         command += [*self.config.slurm_extra_args, str(script)]
         job_id = self._run(*command).strip().split(";")[0]
         (folder / "jobid").write_text(job_id + "\n")
+        with self._lock:
+            self._submitted[spec.name] = time.monotonic()
+            self._cached = None
         log.info("%s submitted to Slurm as job %s", spec.name, job_id)
         return Launched(spec.name, None)
 
@@ -234,6 +239,8 @@ finish "$code"
         elif queued is not None and queued[1] not in _ENDED:
             status = "waiting" if queued[1] in _WAITING else "running"
             code, finished, error = None, None, ""
+        elif queued is None and self._newer_than_queue(name):
+            status, code, finished, error = "waiting", None, None, ""  # submitted after that squeue answered
         elif queued is not None or folder.is_dir():
             # Slurm ended it (or forgot it) before its script could write an outcome: killed hard, or the node failed.
             state = queued[1] if queued else "no longer known to Slurm"
@@ -244,6 +251,12 @@ finish "$code"
             return None
         return ContainerState(id=name, name=name, labels=_labels(name), status=status, exit_code=code,
                               started_at=self._started(name), finished_at=finished, image_id="", error=error)
+
+    def _newer_than_queue(self, name: str) -> bool:
+        with self._lock:
+            submitted = self._submitted.get(name)
+            asked = self._cached[0] if self._cached else None
+        return submitted is not None and (asked is None or asked < submitted)
 
     def stop(self, run_id: str, grace: float) -> None:
         job_id = self._job_id(run_id)
