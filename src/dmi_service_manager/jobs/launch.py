@@ -109,7 +109,7 @@ def outcome(
     if state.oom_killed:
         notes.append("The container was killed for using more memory than it may (mem_limit).")
     if state.error:
-        notes.append(f"Docker reported: {state.error}")
+        notes.append(f"The container engine reported: {state.error}")
     failed = code != 0 or bool(job.stop_reason)
     if failed and not notes and not stderr.text.strip():
         notes.append(f"The container exited with code {code} and wrote nothing to stderr.")

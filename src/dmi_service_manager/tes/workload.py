@@ -184,6 +184,9 @@ class TesWorkload:
         })
         if job.stop_reason:
             return self._ended(job, task_log, job.stop_detail or "The task was stopped.", stop_failure(job))
+        if state.exit_code is None:  # the engine lost the run: ours to report, not the executor's
+            why = f"executor {job.step} ({executor.image}) was lost by the engine"
+            return self._ended(job, task_log, why + (f": {state.error}" if state.error else ""), Failure.ENGINE)
         if code != 0 and not executor.ignore_error:
             why = f"executor {job.step} ({executor.image}) exited with code {code}"
             if state.oom_killed:
