@@ -21,7 +21,6 @@ from .http import caller, json_body, json_response
 
 FOLLOW_POLL_SECONDS = 0.5
 FOLLOWERS = 8
-MAX_INT = params.MAX_INT
 
 
 @functools.cache
@@ -72,7 +71,7 @@ def router(jobs: JobService) -> APIRouter:
 
     @api.get("/api/jobs/{job_id:int}/logs", response_class=StreamingResponse,
              responses={200: {"content": {"text/plain": {}}}, **schemas.errors(400, 404)})
-    async def job_logs(request: Request, job_id: int, tail: int | None = Query(None, ge=0, le=MAX_INT),
+    async def job_logs(request: Request, job_id: int, tail: int | None = Query(None, ge=0, le=params.MAX_INT),
                        follow: str | None = None) -> Response:
         """The container's output while it runs (`follow=1` streams it); the stored output once final."""
         following = (follow or "").lower() in ("1", "true", "yes")
@@ -109,8 +108,8 @@ def router(jobs: JobService) -> APIRouter:
     @api.get("/jobs/", responses={200: {"model": schemas.JobListAnswer}, **schemas.errors(400)})
     @api.get("/jobs", include_in_schema=False)
     @api.get("/api/jobs/", include_in_schema=False)
-    async def list_jobs(current: str | None = None, limit: int | None = Query(None, ge=0, le=MAX_INT),
-                        offset: int = Query(0, ge=0, le=MAX_INT), order: str | None = None) -> Response:
+    async def list_jobs(current: str | None = None, limit: int | None = Query(None, ge=0, le=params.MAX_INT),
+                        offset: int = Query(0, ge=0, le=params.MAX_INT), order: str | None = None) -> Response:
         """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete.
 
         Streamed a few jobs at a time: 4CAT's unpaged call works whatever the store holds.

@@ -365,10 +365,6 @@ class Store:
             )
             return cursor.rowcount > 0
 
-    def set_task_log(self, job_id: int, task_log: dict[str, Any]) -> None:
-        with self._write() as db:
-            db.execute("UPDATE jobs SET task_log = ? WHERE id = ?", (json.dumps(task_log), job_id))
-
     def set_started(self, job_id: int, started_at: float) -> None:
         """When the first container started: timeouts count from here, not from the submit."""
         with self._write() as db:

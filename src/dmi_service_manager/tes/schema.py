@@ -7,7 +7,6 @@ places an executor needs from its image (`/`, `/proc`, `/sys`, `/dev`, our own `
 
 from __future__ import annotations
 
-import posixpath
 import re
 from typing import Annotated, Any, Literal
 
@@ -190,7 +189,3 @@ def parse_task(body: Any) -> Task:
         if first["type"] == "missing":
             message = "is required"
         raise BadRequest(f"{where}: {message}", extra={"field": where}) from None
-
-
-def parent(path: str) -> str:
-    return posixpath.dirname(path)

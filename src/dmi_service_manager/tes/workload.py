@@ -75,8 +75,8 @@ class TesWorkload:
         self.http = HttpPolicy.of(config.tes_http_allowed_networks, config.tes_http_max_bytes,
                                   config.tes_http_timeout)
 
-    def area(self, job: Job) -> WorkArea:
-        return WorkArea.of(Task.model_validate(job.task), self.config.tes_work_folder / str(job.id))
+    def area(self, job: Job, task: Task | None = None) -> WorkArea:
+        return WorkArea.of(task or Task.model_validate(job.task), self.config.tes_work_folder / str(job.id))
 
     # -- before the first executor
 
@@ -87,7 +87,7 @@ class TesWorkload:
                 raise CannotRun(f"outputs[{index}].url: this server cannot store outputs at"
                                 f" {scheme_of(wanted.url)}:// URLs; it serves file:// below TES_FILE_ROOTS",
                                 Failure.OUTPUT)
-        area = WorkArea.of(task, self.config.tes_work_folder / str(job.id))
+        area = self.area(job, task)
         if task.resources and task.resources.disk_gb:
             self.config.tes_work_folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.config.tes_work_folder).free
@@ -136,7 +136,7 @@ class TesWorkload:
         executor = task.executors[job.step]
         if not image_allowed(executor.image, self.config.tes_allowed_images):
             raise StartFailed(f"executors[{job.step}].image {executor.image!r} is no longer in TES_ALLOWED_IMAGES")
-        area = self.area(job)
+        area = self.area(job, task)
         mounts = area.mounts()
         entrypoint = list(executor.command)
         redirects = [(symbol, path) for symbol, path in (("<", executor.stdin), (">", executor.stdout),
@@ -198,11 +198,12 @@ class TesWorkload:
         if job.step + 1 < len(task.executors):
             return NextStep(step=job.step + 1, task_log=task_log)
         try:
-            task_log["outputs"] = self._collect(task, self.area(job))
+            area = self.area(job, task)
+            task_log["outputs"] = self._collect(task, area)
         except TransferFailed as exc:
             return self._ended(job, task_log, f"copying the outputs failed: {exc}", Failure.OUTPUT)
         task_log["end_time"] = rfc3339(ended)
-        self.area(job).remove()
+        area.remove()
         return Ended(status=JobStatus.COMPLETE, results={"returncode": 0, "error": exit.stderr.text,
                                                          "report": exit.stdout.text}, task_log=task_log)
 
