@@ -3,7 +3,7 @@
 # whole test suite against the real Docker engine, then ruff and mypy. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 .venv/bin/python -m pytest "$@"
 .venv/bin/ruff check src tests bench services
 .venv/bin/mypy

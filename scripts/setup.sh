@@ -15,6 +15,9 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The test command (setup.sh --tests) also drives a real browser: Debian's Chromium, as Playwright's own
+# browser download is not reachable from every machine.
+[ "${1:-}" = --tests ] && ! command -v chromium >/dev/null && missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
