@@ -189,6 +189,9 @@ class Config(_Model):
     slurm_spool_path: Path | None = Field(default=None, alias="SLURM_SPOOL_PATH")
     slurm_poll_seconds: float = Field(default=1.0, gt=0, le=60, alias="SLURM_POLL_SECONDS")
     slurm_extra_args: list[str] = Field(default_factory=list, alias="SLURM_EXTRA_ARGS")
+    # Bearer tokens (`dsm token create`): off, 4CAT's routes need only the IP allow-list, as 4CAT sends
+    # no token; on, every route does. Cancelling, deleting and TES always need one.
+    require_token: bool = Field(default=False, alias="REQUIRE_TOKEN")
     # The GA4GH TES front door: off unless an admin opens it (see docs/tes.md).
     tes_enabled: bool = Field(default=False, alias="TES_ENABLED")
     tes_allowed_images: list[str] = Field(default_factory=list, alias="TES_ALLOWED_IMAGES")
