@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh --tests
 .venv/bin/python -m pytest "$@"
-.venv/bin/ruff check src tests bench services
+.venv/bin/ruff check src tests bench
 .venv/bin/mypy

@@ -69,9 +69,36 @@ def test_build_service_reports_a_failing_recipe_clearly(tmp_path: Path, busybox_
     recipe = tmp_path / "broken"
     recipe.mkdir()
     (recipe / "Dockerfile").write_text(f"FROM {busybox_image}\nRUN exit 3\n")
-    with pytest.raises(BuildFailed, match="building dsm-test-broken:latest failed"):
+    with pytest.raises(BuildFailed, match="building dsm-test-broken:latest failed") as failed:
         build_service(str(recipe), tag="dsm-test-broken:latest", log=lambda _: None)
+    assert "\n" not in str(failed.value) and "returned a non-zero code: 3" in str(failed.value)
     assert "no service recipe" in dsm("build-service", "no-such-service").stderr
+
+
+def test_the_bundled_recipes_ship_inside_the_package_and_a_wrong_recipe_is_one_clear_line(tmp_path: Path) -> None:
+    import dmi_service_manager
+    from dmi_service_manager.runtime.images import BUNDLED_SERVICES, BuildFailed, bundled_recipes, find_recipe
+
+    package = Path(dmi_service_manager.__file__).resolve().parent
+    assert package / "services" == BUNDLED_SERVICES  # package data, not a folder of the checkout
+    assert bundled_recipes() == ["ocr", "whisper"]
+    assert find_recipe("ocr") == package / "services" / "ocr"
+    recipe = tmp_path / "mine"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text("FROM scratch\n")
+    assert find_recipe(str(recipe)) == recipe.resolve()
+    with pytest.raises(BuildFailed) as unknown:
+        find_recipe("nosuch")
+    assert str(unknown.value) == ("no service recipe 'nosuch': give a bundled service (ocr, whisper) or a folder "
+                                  "with a Dockerfile")
+    with pytest.raises(BuildFailed, match="is not a service recipe: it has no Dockerfile"):
+        find_recipe(str(tmp_path))
+    (recipe / "host-files.txt").write_text("/no/such/file busybox\n")
+    with pytest.raises(BuildFailed, match="line 1: the host file /no/such/file is missing"):
+        build_service(str(recipe), log=lambda _: None)
+    (recipe / "host-files.txt").write_text("# a comment\nonly-one-word\n")
+    with pytest.raises(BuildFailed, match="line 2: expected '<host path> <name in the context>'"):
+        recipe_hash(recipe)
 
 
 def test_the_first_command_serves_the_embedded_defaults_and_the_demo_prints_the_text(

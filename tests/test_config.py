@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmi_service_manager.config import load_config
+from dmi_service_manager.config import LoadedConfig, load_config
 from dmi_service_manager.errors import ConfigError
 
 ORIGINAL_EXAMPLE = """\
@@ -117,14 +117,45 @@ def test_a_blank_folder_only_disables_that_mode_with_a_warning(tmp_path: Path) -
 
 
 def test_dsm_environment_variables_override_keys(tmp_path: Path) -> None:
-    env = {"DSM_GPU_ENABLED": "true", "DSM_IP_WHITELIST": "[10.0.0.0/8, '::1']", "DSM_MAX_UPLOAD_BYTES": "2GiB",
-           "DSM_NO_SUCH_KEY": "1", "DSM_GPU_ENABLE": "true"}
+    env = {"DSM_GPU_ENABLED": "true", "DSM_IP_WHITELIST": "[10.0.0.0/8, '::1']", "DSM_MAX_UPLOAD_BYTES": "2GiB"}
     loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env=env)
     assert loaded.config.gpu_enabled is True
     assert loaded.config.ip_whitelist == ["10.0.0.0/8", "::1"]
     assert loaded.config.max_upload_bytes == 2 * 1024**3
-    assert any("DSM_NO_SUCH_KEY" in w for w in loaded.warnings)
-    assert any("DSM_GPU_ENABLE names no config key (did you mean GPU_ENABLED?)" in w for w in loaded.warnings)
+    assert env_warnings(loaded) == []
+
+
+def env_warnings(loaded: LoadedConfig) -> list[str]:
+    return [w for w in loaded.warnings if "environment" in w]
+
+
+def test_a_near_miss_of_a_key_in_the_environment_warns_once_with_a_hint(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={"DSM_GPU_ENABLE": "true", "DSM_LOGLEVEL": "DEBUG"})
+    assert loaded.config.gpu_enabled is False  # the example's value: a typo sets nothing
+    assert env_warnings(loaded) == [
+        "environment variable DSM_GPU_ENABLE names no config key (did you mean GPU_ENABLED?); it is ignored",
+        "environment variable DSM_LOGLEVEL names no config key (did you mean LOG_LEVEL?); it is ignored",
+    ]
+
+
+@pytest.mark.parametrize("name", ["DSM_SOMETHING_ELSE", "DSM_NO_SUCH_KEY", "DSM_TOKEN", "DSM_SERVER", "DSM_CONFIG",
+                                  "DSM_PORT", "DSM_WHEELS_CACHE", "DSM_SLURM_CLUSTER", "DSM_"])
+def test_other_dsm_environment_variables_are_not_ours_and_stay_silent(tmp_path: Path, name: str) -> None:
+    # The CLI's DSM_SERVER and DSM_TOKEN, the image builder's DSM_WHEELS_CACHE, whatever a site sets.
+    quiet = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={})
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={name: "http://10.0.0.1:4000"})
+    assert loaded.warnings == quiet.warnings and loaded.config == quiet.config
+
+
+def test_dsm_token_and_dsm_server_are_never_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Even if a config key TOKEN or SERVER existed, these two belong to the dsm client commands.
+    import dmi_service_manager.config as config_module
+
+    monkeypatch.setattr(config_module, "_KNOWN_TOP", config_module._KNOWN_TOP | {"TOKEN", "SERVER"})
+    env = {"DSM_TOKEN": "dsm_secret", "DSM_SERVER": "http://10.0.0.1:4000", "DSM_LOG_LEVEL": "DEBUG"}
+    warnings: list[str] = []
+    assert config_module._env_overrides(env, warnings) == {"LOG_LEVEL": "DEBUG"}
+    assert warnings == []
 
 
 def test_check_config_prints_the_endpoints_and_strict_fails_on_warnings(tmp_path: Path) -> None:

@@ -24,8 +24,10 @@ from .errors import ConfigError
 GPU_DISABLED_REASON = "GPU not enabled on this instance of DMI Service Manager"
 DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "config.yml"
 ENV_PREFIX = "DSM_"
-# Environment variables with this prefix that are not config keys.
-ENV_RESERVED = {"DSM_CONFIG", "DSM_PORT", "DSM_SUPERVISOR_PID", "DSM_SERVER"}
+# `DSM_<KEY>` overrides the config key KEY. Any other `DSM_` variable is someone else's (the CLI's, a site's)
+# and is ignored in silence, save a near miss of a key (DSM_GPU_ENABLE), which gets one warning with a hint.
+# These are read elsewhere and are never config keys, even if a key of that name appears one day.
+ENV_RESERVED = {"DSM_CONFIG", "DSM_PORT", "DSM_SUPERVISOR_PID", "DSM_SERVER", "DSM_TOKEN", "DSM_WHEELS_CACHE"}
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -302,13 +304,16 @@ def _drop_blanks(value: Any) -> Any:
 
 
 def _env_overrides(env: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
+    """The config keys set by `DSM_<KEY>` variables; see ENV_PREFIX for the rule on the other `DSM_` ones."""
     overrides: dict[str, Any] = {}
-    for name, raw in env.items():
+    for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
             continue
         key = name[len(ENV_PREFIX):]
         if key not in _KNOWN_TOP:
-            warnings.append(f"environment variable {name} names no config key{_suggest(key, _KNOWN_TOP)}")
+            hint = _suggest(key, _KNOWN_TOP)
+            if hint:  # a near miss of a key is most likely a typo; anything else is not ours
+                warnings.append(f"environment variable {name} names no config key{hint}; it is ignored")
             continue
         try:
             overrides[key] = yaml.safe_load(raw) if raw.strip() else None

@@ -10,8 +10,13 @@ A recipe is a folder holding a Dockerfile and, optionally:
 - `wheels-gpu.txt`: more wheels for the GPU variant (`gpu=True`, e.g. CUDA libraries), tagged
   `dsm-<name>-gpu:latest`;
 - a `models/` folder: a recipe that has one takes `models=DIR`, whose models join it in the context.
-The image is tagged `<name>:latest` and labelled with the recipe's hash, and rebuilt only when the
-hash changes.
+The image is tagged `dsm-<name>:latest` and labelled with the recipe's hash, and rebuilt only when the
+hash changes. The hash covers the recipe's files by their path inside the recipe folder, so the same recipe
+hashes the same wherever it lies (a checkout, an installed package).
+
+The bundled recipes (`ocr`, `whisper`) ship inside the package, in `dmi_service_manager/services/`, as
+package data. Every failure a build can expect (no such recipe, a failed step) raises `BuildFailed` with a
+one-line message; the details go to `log`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ RECIPE_LABEL = "dmi-service-manager.recipe"
 SUITE = "bookworm"
 PYTHON_VERSION = "3.11"  # the suite's python3: host-fetched wheels are chosen for it
 WHEELS_TIMEOUT = 3600
-REPO_SERVICES = Path(__file__).resolve().parents[3] / "services"
+# The recipes that ship with the package (package data, beside this package's modules).
+BUNDLED_SERVICES = Path(__file__).resolve().parents[1] / "services"
 
 Log = Callable[[str], None]
 
@@ -49,12 +55,29 @@ class BuildFailed(DsmError):
     pass
 
 
+def bundled_recipes() -> list[str]:
+    """The names of the recipes that ship with the package, e.g. ["ocr", "whisper"]."""
+    if not BUNDLED_SERVICES.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_SERVICES.iterdir() if (p / "Dockerfile").is_file())
+
+
 def find_recipe(name: str) -> Path:
-    """A bundled service by name (`ocr`), or a path to a recipe folder."""
-    for candidate in (Path(name), REPO_SERVICES / name):
+    """A bundled service by name (`ocr`), or a path to a recipe folder (a folder holding a Dockerfile)."""
+    for candidate in (Path(name), BUNDLED_SERVICES / name):
         if (candidate / "Dockerfile").is_file():
             return candidate.resolve()
-    raise BuildFailed(f"no service recipe {name!r}: expected {REPO_SERVICES / name}/Dockerfile")
+    if Path(name).is_dir():
+        raise BuildFailed(f"{name} is not a service recipe: it has no Dockerfile")
+    bundled = ", ".join(bundled_recipes()) or f"none found in {BUNDLED_SERVICES}"
+    raise BuildFailed(f"no service recipe {name!r}: give a bundled service ({bundled}) or a folder with a Dockerfile")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """The last non-blank line of a tool's output (where the error usually is), shortened."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message"
+    return last if len(last) <= limit else last[:limit] + "..."
 
 
 def _host_files(recipe: Path) -> list[tuple[Path, str]]:
@@ -62,10 +85,15 @@ def _host_files(recipe: Path) -> list[tuple[Path, str]]:
     if not listing.is_file():
         return []
     pairs = []
-    for line in listing.read_text().splitlines():
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
         if line.strip() and not line.startswith("#"):
-            host, name = line.split()
-            pairs.append((Path(host), name))
+            words = line.split()
+            if len(words) != 2:
+                raise BuildFailed(f"{listing} line {number}: expected '<host path> <name in the context>'")
+            host = Path(words[0])
+            if not host.is_file():
+                raise BuildFailed(f"{listing} line {number}: the host file {host} is missing")
+            pairs.append((host, words[1]))
     return pairs
 
 
@@ -105,7 +133,8 @@ def _build_base(api: docker.APIClient, name: str, packages: list[str], log: Log)
         log("$ " + " ".join(command))
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise BuildFailed(f"mmdebstrap failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            log(done.stderr.strip()[-4000:])
+            raise BuildFailed(f"mmdebstrap failed ({done.returncode}): {_one_line(done.stderr)}")
         log(f"importing {tar.stat().st_size // 2**20} MiB as {tag}")
         repository, _, version = tag.partition(":")
         api.import_image_from_file(str(tar), repository=repository, tag=version)
@@ -153,7 +182,8 @@ def _fetch_wheels(listing: Path, log: Log) -> Path:
         raise BuildFailed(f"fetching the wheels of {listing} took more than {WHEELS_TIMEOUT} s") from None
     if done.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise BuildFailed(f"fetching the wheels of {listing} failed: {done.stderr.strip()[-2000:]}")
+        log(done.stderr.strip()[-4000:])
+        raise BuildFailed(f"fetching the wheels of {listing} failed: {_one_line(done.stderr)}")
     (partial / ".complete").touch()
     try:
         partial.rename(folder)
@@ -242,12 +272,12 @@ def build_service(name: str, *, force: bool = False, log: Log = print, runtime: 
                                buildargs=buildargs, labels={RECIPE_LABEL: digest}, decode=True)
             for chunk in output:
                 if "error" in chunk:
-                    raise BuildFailed(f"building {image_name} failed: {chunk['error'].strip()}")
+                    raise BuildFailed(f"building {image_name} failed: {' '.join(chunk['error'].split())[:300]}")
                 text = chunk.get("stream", "").rstrip()
                 if text:
                     log(text)
     except docker.errors.APIError as exc:
-        raise BuildFailed(f"building {image_name} failed: {exc.explanation or exc}") from None
+        raise BuildFailed(f"building {image_name} failed: {_one_line(str(exc.explanation or exc))}") from None
     except (docker.errors.DockerException, ConnectionError) as exc:
         raise RuntimeUnavailable(f"the Docker engine is not reachable: {exc}") from None
     return image_name
@@ -271,4 +301,5 @@ def image_file(image: str, path: str, runtime: DockerBackend | None = None) -> d
     return files
 
 
-__all__ = ["BuildFailed", "build_service", "find_recipe", "image_file", "recipe_hash", "wheels_cache"]
+__all__ = ["BUNDLED_SERVICES", "BuildFailed", "build_service", "bundled_recipes", "find_recipe", "image_file",
+           "recipe_hash", "wheels_cache"]
