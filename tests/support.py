@@ -18,6 +18,9 @@ import docker
 import requests
 import yaml
 
+from dmi_service_manager.jobs.store import Store
+from dmi_service_manager.tokens import Tokens
+
 ROOT = Path(__file__).resolve().parents[1]
 BUSYBOX = "dsm-test-busybox:latest"
 OCR = "dsm-ocr:latest"
@@ -76,6 +79,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_path / "config.yml"
         self.log_path = tmp_path / f"server-{self.port}.log"
+        self._tokens: dict[str, str] = {}
         self.process: subprocess.Popen[bytes] | None = None
         self.instance: str | None = None
 
@@ -151,7 +155,16 @@ class Server:
         return requests.post(self.url + path, timeout=30, **kwargs)
 
     def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        """As an admin would: with an admin token, unless the test sends its own headers."""
+        kwargs.setdefault("headers", {"Authorization": f"Bearer {self.token('admin')}"})
         return requests.delete(self.url + path, timeout=30, **kwargs)
+
+    def token(self, scope: str) -> str:
+        """A token of this scope on this server's database, made once per server (as `dsm token create` does)."""
+        if scope not in self._tokens:
+            tokens = Tokens(Store(Path(self.config["DATABASE_FILE"])))
+            self._tokens[scope] = tokens.create(f"test-{scope}-{len(self._tokens)}", scope)
+        return self._tokens[scope]
 
     def submit(self, endpoint: str, args: list[str], **body: Any) -> dict[str, Any]:
         response = self.post(f"/api/{endpoint}", json={"args": args, **body})

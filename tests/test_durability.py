@@ -85,11 +85,13 @@ def test_cancel_a_pending_job_and_a_running_one(make_server: Callable[..., Serve
     cancelled = server.delete(f"/api/jobs/{pending}", params={"by": "a researcher"})
     assert cancelled.status_code == 200 and cancelled.json()["job"]["status"] == "error"
     results = json.loads(cancelled.json()["job"]["results"])
-    assert "Cancelled by a researcher (127.0.0.1)" in results["error"] and results["returncode"] != 0
+    assert "Cancelled by a researcher (token test-admin-0, 127.0.0.1)" in results["error"]
+    assert results["returncode"] != 0
 
     assert server.delete(f"/api/jobs/{running}").status_code == 202
     job = server.wait_final(running, 20)
-    assert job["status"] == "error" and "Cancelled by 127.0.0.1" in json.loads(job["results"])["error"]
+    assert job["status"] == "error"
+    assert "Cancelled by token test-admin-0 (127.0.0.1)" in json.loads(job["results"])["error"]
     assert containers_of(docker_client, server.instance, running) == []
     again = server.delete(f"/api/jobs/{running}")
     assert again.status_code == 200 and again.json()["job"]["status"] == "error"

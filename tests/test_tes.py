@@ -396,10 +396,12 @@ TES_ROUTES = [("GET", "/service-info"), ("GET", "/tasks"), ("POST", "/tasks"), (
 
 
 def test_every_tes_route_is_404_while_tes_is_off(server: Server) -> None:
-    api = TesApi(server, "dsm_whatever")
+    api = TesApi(server, server.token("submit"))
     for method, path in TES_ROUTES:
         assert_error(api.call(method, path, json=echo_task()), 404)
         assert_error(api.with_token(None).call(method, path, json=echo_task()), 404)
+        # A token sent is checked on every route, this one too.
+        assert_error(api.with_token("dsm_whatever").call(method, path, json=echo_task()), 401)
 
 
 def test_tes_routes_need_a_known_token(shared: Tes) -> None:

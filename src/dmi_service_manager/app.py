@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import serving
 from .access import AccessPolicy
 from .api import dashboard, files, gpu, health, jobs, schemas, services, tes
+from .api.auth import Gate, TokenMiddleware
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
@@ -127,7 +128,7 @@ def create_app(config: Config, port: int) -> FastAPI:
         redirect_slashes=False,
         telemetry={"tracing": False, "metrics": False},  # checked on every request otherwise
     )
-    tes_router = tes.router(context.tes, context.tokens) if config.tes_enabled else tes.disabled_router()
+    tes_router = tes.router(context.tes) if config.tes_enabled else tes.disabled_router()
     routers = (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
                health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs))
     # One flat table (an included router is searched as a whole), with the routes 4CAT calls by the
@@ -151,6 +152,9 @@ def create_app(config: Config, port: int) -> FastAPI:
     }
     for kind, handler in handlers.items():
         app.add_exception_handler(kind, handler)
+    # The last added runs first: the allow-list, then tokens.
+    app.add_middleware(TokenMiddleware, tokens=context.tokens,
+                       gate=Gate(require_token=config.require_token, tes_enabled=config.tes_enabled))
     app.add_middleware(AccessMiddleware, policy=context.policy)
     return app
 

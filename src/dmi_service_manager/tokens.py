@@ -19,6 +19,7 @@ from .jobs.store import Store, TokenRow
 
 SCOPES = ("read", "submit", "admin")  # each allows what the ones before it allow
 _TOKEN = re.compile(r"dsm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+NEEDS_TOKEN = "this needs a token: send 'Authorization: Bearer <token>' (an admin makes one with dsm token create)"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
@@ -59,7 +60,7 @@ class Tokens:
     def verify(self, authorization: str | None) -> Principal:
         """The caller behind an `Authorization: Bearer` header; Unauthorized when there is none or it is wrong."""
         if not authorization:
-            raise Unauthorized("this needs a token: send 'Authorization: Bearer <token>' (dsm token create)")
+            raise Unauthorized(NEEDS_TOKEN)
         kind, _, value = authorization.strip().partition(" ")
         match = _TOKEN.fullmatch(value.strip()) if kind.lower() == "bearer" else None
         row = self.store.token(match.group(1)) if match else None

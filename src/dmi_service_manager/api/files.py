@@ -21,6 +21,7 @@ from ..errors import BadRequest, RangeNotSatisfiable
 from ..files.service import FileService
 from ..files.storage import OpenFile
 from . import schemas
+from .auth import acting
 from .http import caller, json_response
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def router(files: FileService) -> APIRouter:
                                                           **schemas.errors(400, 404, 409)})
     async def delete_collection(request: Request, collection: str) -> Response:
         deleted = await run_in_threadpool(files.delete_collection, collection)
-        log.info("collection %s deleted at the request of %s", deleted, caller(request))
+        log.info("collection %s deleted at the request of %s", deleted, acting(request.scope))
         return json_response({"status": "success", "deleted": deleted})
 
     return api

@@ -17,7 +17,8 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import BadRequest
 from ..jobs.service import JobService
 from . import params, schemas
-from .http import caller, json_body, json_response
+from .auth import acting
+from .http import json_body, json_response
 
 FOLLOW_POLL_SECONDS = 0.5
 FOLLOWERS = 8
@@ -65,8 +66,7 @@ def router(jobs: JobService) -> APIRouter:
                                                      202: {"model": schemas.CancelAnswer}, **schemas.errors(404)})
     async def cancel_job(request: Request, job_id: int, by: str | None = None) -> Response:
         """Cancel a waiting job (200, final) or ask a running one's container to stop (202)."""
-        who = f"{by} ({caller(request)})" if by else caller(request)
-        job = await run_in_threadpool(jobs.cancel, job_id, who)
+        job = await run_in_threadpool(jobs.cancel, job_id, acting(request.scope, by))
         return json_response({"status": "success", "job": job.wire()}, 200 if job.status.final else 202)
 
     @api.get("/api/jobs/{job_id:int}/logs", response_class=StreamingResponse,

@@ -156,13 +156,19 @@ def with_components(document: dict[str, Any]) -> dict[str, Any]:
     schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
     for path, operations in OPERATIONS.items():
         document.setdefault("paths", {}).setdefault(path, {}).update(operations)
-    # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422.
+    document["components"].setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http", "scheme": "bearer", "description": "a token from `dsm token create` (see REQUIRE_TOKEN)"}
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
-            responses = operation.get("responses", {})
+            responses = operation.setdefault("responses", {})
+            # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422.
             if responses.pop("422", None) is not None:
-                responses.setdefault("400", {"description": "Bad Request", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
+                responses.setdefault("400", {"description": "Bad Request", **error})
+            # Any route answers these to a token that is wrong (or missing where one is needed) or too small.
+            responses.setdefault("401", {"description": "no valid token where one is needed", **error})
+            responses.setdefault("403", {"description": "not allowed: this address, or this token's scope", **error})
+            operation.setdefault("security", [{}, {"bearer": []}])
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     return document

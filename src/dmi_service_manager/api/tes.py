@@ -1,7 +1,8 @@
 """GA4GH TES v1.1 under `/ga4gh/tes/v1`: the second front door onto the same job service.
 
 Every route but service-info needs a bearer token (reading: scope `read`; creating and cancelling:
-`submit`). While TES_ENABLED is false, every TES path answers 404 saying so.
+`submit`), checked with every other route's in `auth.py`. While TES_ENABLED is false, every TES path
+answers 404 saying so.
 """
 
 from __future__ import annotations
@@ -16,22 +17,17 @@ from starlette.responses import Response
 from ..errors import NotFound
 from ..tes.schema import Task
 from ..tes.service import MAX_PAGE_SIZE, TesService
-from ..tokens import Principal, Tokens
 from . import schemas
-from .http import caller, json_body, json_response
+from .auth import acting
+from .http import json_body, json_response
 
 PREFIX = "/ga4gh/tes/v1"
 _JSON: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}},
                                                "description": "as in the official TES v1.1 description"}}
 
 
-def router(tes: TesService, tokens: Tokens) -> APIRouter:
+def router(tes: TesService) -> APIRouter:
     api = APIRouter(prefix=PREFIX, tags=["GA4GH TES v1.1"])
-
-    async def principal(request: Request, scope: str) -> Principal:
-        found = await run_in_threadpool(tokens.verify, request.headers.get("authorization"))
-        found.require(scope)
-        return found
 
     @api.get("/service-info", responses=_JSON)
     async def service_info() -> Response:
@@ -40,9 +36,8 @@ def router(tes: TesService, tokens: Tokens) -> APIRouter:
     @api.post("/tasks", responses={**_JSON, **schemas.errors(400, 401, 403, 413)},
               openapi_extra=schemas.json_body(Task))
     async def create_task(request: Request) -> Response:
-        who = await principal(request, "submit")
         body = await json_body(request)
-        task_id = await run_in_threadpool(tes.create, body, f"token {who.name} ({caller(request)})")
+        task_id = await run_in_threadpool(tes.create, body, acting(request.scope))
         return json_response({"id": task_id})
 
     @api.get("/tasks", responses={**_JSON, **schemas.errors(400, 401, 403)})
@@ -51,7 +46,6 @@ def router(tes: TesService, tokens: Tokens) -> APIRouter:
                          tag_value: Annotated[list[str] | None, Query()] = None,
                          page_size: int | None = Query(None, ge=1, le=MAX_PAGE_SIZE), page_token: str | None = None,
                          view: str | None = None) -> Response:
-        await principal(request, "read")
         answer = await run_in_threadpool(tes.list, name_prefix=name_prefix, state=state,
                                          tag_keys=tag_key or [], tag_values=tag_value or [], page_size=page_size,
                                          page_token=page_token, view=view)
@@ -59,13 +53,11 @@ def router(tes: TesService, tokens: Tokens) -> APIRouter:
 
     @api.get("/tasks/{task_id}", responses={**_JSON, **schemas.errors(400, 401, 403, 404)})
     async def get_task(request: Request, task_id: str, view: str | None = None) -> Response:
-        await principal(request, "read")
         return json_response(await run_in_threadpool(tes.get, task_id, view))
 
     @api.post("/tasks/{task_id}:cancel", responses={**_JSON, **schemas.errors(401, 403, 404)})
     async def cancel_task(request: Request, task_id: str) -> Response:
-        who = await principal(request, "submit")
-        return json_response(await run_in_threadpool(tes.cancel, task_id, f"token {who.name} ({caller(request)})"))
+        return json_response(await run_in_threadpool(tes.cancel, task_id, acting(request.scope)))
 
     return api
 
