@@ -287,3 +287,34 @@ def test_the_dashboard_page_and_the_lists_it_reads(server: Server) -> None:
     newest = server.get("/api/jobs/", params={"limit": "2", "order": "desc"}).json()["jobs"]
     assert [j["id"] for j in newest] == keys[::-1][:2]
     assert server.get("/jobs/", params={"limit": "x"}).status_code == 400
+
+
+def test_admin_overviews_services_gpus_collections_and_filtered_job_lists(server: Server) -> None:
+    """What the dashboard and the CLI read: every field comes from the real queue, uploads and config."""
+    ok = server.submit("fake_local", ["--exit", "0"])["key"]
+    failed = server.submit("fake_local", ["--stderr", "boom: bad input", "--exit", "3"])["key"]
+    server.wait_final(ok)
+    server.wait_final(failed)
+    upload = server.post("/api/send_files", data={"folder_name": "coll"},
+                         files=[("4cat_uploads", ("a.txt", b"12345")), ("4cat_uploads", ("b.txt", b"678"))])
+    assert upload.status_code == 200, upload.text
+
+    services = server.get("/api/services").json()["services"]
+    fake = next(s for s in services if s["name"] == "fake")
+    assert fake["endpoints"] == ["fake_local", "fake_remote"] and fake["uses_gpu"] is False
+    assert fake["recent_failures"][0]["id"] == failed
+    assert "boom: bad input" in fake["recent_failures"][0]["message"]
+    assert fake["recent_failures"][0]["failure"] == "exit_code"
+
+    gpus = server.get("/api/gpus").json()
+    assert gpus["enabled"] is False and gpus["cards"] == [] and gpus["problem"]
+
+    collections = server.get("/api/collections").json()["collections"]
+    assert collections == [{"name": "coll", "files": 2, "bytes": 8, "modified_at": collections[0]["modified_at"],
+                            "in_use": False}]
+
+    errors = server.get("/jobs/", params={"status": "error", "service": "fake"}).json()["jobs"]
+    assert [j["id"] for j in errors] == [failed]
+    newest = server.get("/jobs/", params={"order": "desc", "limit": 1}).json()["jobs"]
+    assert [j["id"] for j in newest] == [failed]
+    assert server.get("/jobs/", params={"status": "finished"}).status_code == 400

@@ -98,6 +98,11 @@ def router(files: FileService) -> APIRouter:
         """Lines in `folder/file`: progress for services that write one line per item."""
         return json_response({"lines": await run_in_threadpool(files.count_lines, folder, file)})
 
+    @api.get("/api/collections", responses={200: {"model": schemas.CollectionsAnswer}})
+    async def collections() -> Response:
+        """Every upload collection: files, bytes, last change, and whether a waiting or running job uses it."""
+        return json_response({"collections": await run_in_threadpool(files.collections)})
+
     @api.delete("/api/files/{collection:path}", responses={200: {"model": schemas.DeletedAnswer},
                                                           **schemas.errors(400, 404, 409)})
     async def delete_collection(request: Request, collection: str) -> Response:

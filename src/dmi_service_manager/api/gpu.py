@@ -30,4 +30,10 @@ def router(jobs: JobService) -> APIRouter:
         return json_response({"status": "error", "reason": f"GPU check failed: {check.reason}",
                               "message": check.reason}, 500)
 
+    @api.get("/api/gpus", responses={200: {"model": schemas.GpusAnswer}})
+    async def gpus() -> Response:
+        """Each card: memory in total, in use (where NVML measures it), held by this server's placement, and
+        for which jobs (dashboard, `dsm gpus`). Without a GPU, `problem` says why."""
+        return json_response(await run_in_threadpool(jobs.gpus_overview))
+
     return api

@@ -15,7 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import BadRequest
+from ..jobs.model import JobStatus, Kind
 from ..jobs.service import JobService
+from ..jobs.store import JobFilter
 from . import params, schemas
 from .auth import acting
 from .http import json_body, json_response
@@ -109,12 +111,22 @@ def router(jobs: JobService) -> APIRouter:
     @api.get("/jobs", include_in_schema=False)
     @api.get("/api/jobs/", include_in_schema=False)
     async def list_jobs(current: str | None = None, limit: int | None = Query(None, ge=0, le=params.MAX_INT),
-                        offset: int = Query(0, ge=0, le=params.MAX_INT), order: str | None = None) -> Response:
-        """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete.
+                        offset: int = Query(0, ge=0, le=params.MAX_INT), order: str | None = None,
+                        status: str | None = None, service: str | None = None, dataset_key: str | None = None,
+                        kind: str | None = None) -> Response:
+        """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete;
+        `order=desc`: newest first; `status`, `service`, `dataset_key`, `kind` keep only the jobs that match.
 
-        Streamed a few jobs at a time: 4CAT's unpaged call works whatever the store holds.
+        Streamed a few jobs at a time: 4CAT's unpaged call works whatever the store holds. The dashboard
+        and the CLI page with `limit` and `offset`.
         """
-        batches = jobs.list_jobs(current=bool(current), limit=limit, offset=offset, newest_first=order == "desc")
+        if status is not None and status not in JobStatus.__members__.values():
+            raise BadRequest(f"status must be one of {', '.join(JobStatus)}")
+        if kind is not None and kind not in Kind.__members__.values():
+            raise BadRequest(f"kind must be one of {', '.join(Kind)}")
+        where = JobFilter(status=status, service=service, dataset_key=dataset_key, kind=kind)
+        batches = jobs.list_jobs(current=bool(current), limit=limit, offset=offset, newest_first=order == "desc",
+                                 where=where)
 
         async def body() -> AsyncIterator[bytes]:
             yield b'{"status":"success","jobs":['

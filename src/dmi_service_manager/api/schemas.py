@@ -111,6 +111,64 @@ class DeletedAnswer(BaseModel):
     deleted: str
 
 
+class RecentFailure(BaseModel):
+    id: int
+    completed_at: int | None
+    failure: str | None
+    message: str
+
+
+class ServiceOverview(BaseModel):
+    name: str
+    image: str
+    endpoints: list[str]
+    uses_gpu: bool
+    gpu_memory: int | None
+    max_concurrent: int | None
+    running: int
+    waiting: int
+    recent_failures: list[RecentFailure]
+
+
+class ServicesAnswer(BaseModel):
+    services: list[ServiceOverview]
+
+
+class CardJob(BaseModel):
+    id: int
+    service: str | None
+    gpu_memory: int | None
+
+
+class CardOverview(BaseModel):
+    id: str
+    name: str
+    uuid: str
+    total: int
+    used: int | None = Field(description="bytes in use as NVML measures them; null where nothing measures")
+    reserved: int = Field(description="bytes this server's placement holds for running jobs")
+    jobs: list[CardJob]
+
+
+class GpusAnswer(BaseModel):
+    enabled: bool
+    source: str | None
+    problem: str | None
+    cards: list[CardOverview]
+
+
+class CollectionOverview(BaseModel):
+    name: str
+    files: int
+    bytes: int
+    modified_at: float
+    in_use: bool
+
+
+class CollectionsAnswer(BaseModel):
+    collections: list[CollectionOverview]
+
+
 class HealthAnswer(_Open):
     status: str
     message: str

@@ -19,6 +19,11 @@ def router(jobs: JobService) -> APIRouter:
     async def list_endpoints() -> Response:
         return json_response({"endpoints": ["check_gpu_mem", *jobs.endpoints]})
 
+    @api.get("/api/services", responses={200: {"model": schemas.ServicesAnswer}})
+    async def list_services() -> Response:
+        """Each service: image, GPU needs, what runs and waits, and its latest failures (dashboard, `dsm services`)."""
+        return json_response({"services": await run_in_threadpool(jobs.services)})
+
     @api.post("/api/{endpoint}", status_code=202, responses={202: {"model": schemas.SubmitAnswer},
                                                              **schemas.errors(400, 404, 413, 503)},
               openapi_extra=schemas.json_body(schemas.SubmitBody))

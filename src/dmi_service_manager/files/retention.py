@@ -16,10 +16,11 @@ def sweep_expired(storage: Storage, retention_days: float, in_use: Callable[[], 
     cutoff = time.time() - retention_days * 86400
     needed = in_use()
     removed = []
-    for name, newest in list(storage.collections()):
-        if newest >= cutoff or name in needed:
+    for found in list(storage.collections()):
+        if found.newest >= cutoff or found.name in needed:
             continue
-        storage.remove_collection((name,))
-        removed.append(name)
-        log.warning("retention: removed collection %s, untouched for %.1f days", name, (time.time() - newest) / 86400)
+        storage.remove_collection((found.name,))
+        removed.append(found.name)
+        log.warning("retention: removed collection %s, untouched for %.1f days", found.name,
+                    (time.time() - found.newest) / 86400)
     return removed

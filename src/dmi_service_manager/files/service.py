@@ -78,6 +78,14 @@ class FileService:
     def count_lines(self, folder: str | None, file: str | None) -> int:
         return self.storage.count_lines((*split_path(folder, "folder"), *split_path(file, "file")))
 
+    def collections(self) -> list[dict[str, object]]:
+        """Every upload collection with its size, and whether a waiting or running job names it."""
+        if self._storage is None:
+            return []
+        used = self.in_use()
+        return [{"name": c.name, "files": c.files, "bytes": c.bytes, "modified_at": c.newest, "in_use": c.name in used}
+                for c in sorted(self.storage.collections(), key=lambda c: c.name)]
+
     def delete_collection(self, collection: str) -> str:
         parts = split_path(collection, "collection", allow_nested=False)
         storage = self.storage

@@ -289,13 +289,13 @@ class Storage:
             # rmtree with dir_fd never follows symlinks out of the tree.
             shutil.rmtree(parts[-1], dir_fd=parent)
 
-    def collections(self) -> Iterator[tuple[str, float]]:
-        """Top-level collections with the newest modification time found inside each."""
+    def collections(self) -> Iterator[Collection]:
+        """Top-level collections, each with what it holds and the newest modification time inside."""
         with os.scandir(self.root) as entries:
             for entry in entries:
                 if entry.name == STAGING_DIR or not entry.is_dir(follow_symlinks=False):
                     continue
-                yield entry.name, _newest_mtime(Path(entry.path))
+                yield _measure(entry.name, Path(entry.path))
 
     # -- reading
 
@@ -361,15 +361,27 @@ def _scan(fd: int) -> tuple[list[str], list[str]]:
     return files, subdirs
 
 
-def _newest_mtime(path: Path) -> float:
-    newest = path.lstat().st_mtime
-    for folder, dirs, files in os.walk(path):
-        for name in dirs + files:
+@dataclass(frozen=True)
+class Collection:
+    name: str
+    files: int
+    bytes: int
+    newest: float  # the newest modification time found inside: retention counts from it
+
+
+def _measure(name: str, path: Path) -> Collection:
+    newest, files, size = path.lstat().st_mtime, 0, 0
+    for folder, dirs, names in os.walk(path):
+        for entry in dirs + names:
             try:
-                newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+                info = os.lstat(os.path.join(folder, entry))
             except OSError:
                 continue
-    return newest
+            newest = max(newest, info.st_mtime)
+            if entry in names:
+                files += 1
+                size += info.st_size
+    return Collection(name=name, files=files, bytes=size, newest=newest)
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,7 @@ from ..gpu.nvml import GpuInventory
 from ..runtime.base import Backend
 from . import placement
 from .model import Failure, Job, Kind, StopReason
-from .store import NewJob, Store
+from .store import JobFilter, NewJob, Store
 from .webhooks import callback_refusal
 from .workload import Workload
 
@@ -164,14 +164,14 @@ class JobService:
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-                  newest_first: bool = False, batch: int = 16) -> Iterator[list[Job]]:
+                  newest_first: bool = False, where: JobFilter | None = None, batch: int = 16) -> Iterator[list[Job]]:
         """Jobs a few at a time, so that a listing of every job (4CAT's unpaged call) never sits in memory."""
         after: int | None = None
         left = limit
         while left is None or left > 0:
             size = batch if left is None else min(batch, left)
             found = self.store.jobs(current=current, limit=size, offset=offset if after is None else 0,
-                                    newest_first=newest_first, after=after)
+                                    newest_first=newest_first, after=after, where=where)
             if not found:
                 return
             yield found
@@ -180,6 +180,46 @@ class JobService:
                 left -= len(found)
             if len(found) < size:
                 return
+
+    def services(self, failures: int = 5) -> list[dict[str, Any]]:
+        """Each configured service: its image and needs, what of it runs and waits, and its latest failures."""
+        active = self.store.active()
+        recent = self.store.recent_failures(200)
+        answer = []
+        for name, service in self.config.docker_endpoints.items():
+            mine = [j for j in active if j.kind is Kind.FOURCAT and j.service == name]
+            failed = [j for j in recent if j.kind is Kind.FOURCAT and j.service == name][:failures]
+            answer.append({
+                "name": name, "image": service.image_name,
+                "endpoints": [e for e in (f"{name}_local" if service.local else None,
+                                          f"{name}_remote" if service.remote else None) if e],
+                "uses_gpu": self.config.service_uses_gpu(name), "gpu_memory": service.gpu_memory,
+                "max_concurrent": service.max_concurrent,
+                "running": sum(1 for j in mine if j.holds_capacity),
+                "waiting": sum(1 for j in mine if not j.holds_capacity),
+                "recent_failures": [{"id": j.id, "completed_at": j.completed_at,
+                                     "failure": j.failure.value if j.failure else None,
+                                     "message": _error_line(j)} for j in failed],
+            })
+        return answer
+
+    def gpus_overview(self) -> dict[str, Any]:
+        """The cards, what each has and uses, and what this server's placement holds on it for which job."""
+        if not self.config.gpu_enabled:
+            return {"enabled": False, "source": None, "cards": [], "problem": GPU_DISABLED_REASON}
+        try:
+            found, source = self.gpus.cards()
+        except GpuUnavailable as exc:
+            return {"enabled": True, "source": None, "cards": [], "problem": exc.message}
+        holding = [] if self.backend.places_gpus else [j for j in self.store.active() if j.holds_capacity]
+        reserved = placement.reserved([placement.Holding.of(j) for j in holding],
+                                      [placement.Card.of(c) for c in found])
+        return {"enabled": True, "source": source, "problem": None, "cards": [
+            {"id": card.id, "name": card.name, "uuid": card.uuid, "total": card.total,
+             "used": None if card.free is None else card.total - card.free, "reserved": reserved.get(card.id, 0),
+             "jobs": [{"id": j.id, "service": j.service, "gpu_memory": j.gpu_memory}
+                      for j in holding if card.id in j.gpu_ids]}
+            for card in found]}
 
     def counts(self) -> dict[str, int]:
         """Jobs by status; a write transaction first, so that a read-only or locked database shows."""
@@ -295,6 +335,13 @@ class JobService:
             log.info("job %s: cancel requested by %s", job_id, who)
         self.ring()
         return self.get(job_id, kind=kind)
+
+
+def _error_line(job: Job) -> str:
+    """The last line of a failed job's error (or its message): what a person reads first."""
+    results = job.results_dict() or {}
+    text = str(results.get("error") or job.message or "").strip()
+    return text.splitlines()[-1][:300] if text else ""
 
 
 def _stored_output(results: dict[str, object] | None, tail: int | None) -> str:

@@ -84,6 +84,16 @@ class TaskFilter:
 
 
 @dataclass(frozen=True)
+class JobFilter:
+    """What a listing keeps: each field that is set must match exactly."""
+
+    status: str | None = None
+    service: str | None = None
+    dataset_key: str | None = None
+    kind: str | None = None
+
+
+@dataclass(frozen=True)
 class TokenRow:
     id: str
     name: str
@@ -219,11 +229,17 @@ class Store:
         return _job(row) if row else None
 
     def jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-             newest_first: bool = False, after: int | None = None) -> list[Job]:
+             newest_first: bool = False, after: int | None = None, where: JobFilter | None = None) -> list[Job]:
         """Jobs in id order; `after` continues from a job id (in the chosen direction) instead of an offset."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if current:
             clauses.append("status IS NOT 'complete'")
+        for column, value in (("status", where.status), ("service", where.service),
+                              ("dataset_key", where.dataset_key), ("kind", where.kind)) if where else ():
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
         if after is not None:
             clauses.append("id < ?" if newest_first else "id > ?")
             params.append(after)
@@ -252,6 +268,11 @@ class Store:
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         return {str(row["status"]): int(row["n"]) for row in rows}
+
+    def recent_failures(self, limit: int) -> list[Job]:
+        """The newest jobs that ended in error, newest first."""
+        rows = self._conn().execute("SELECT * FROM jobs WHERE status = 'error' ORDER BY id DESC LIMIT ?", (limit,))
+        return [_job(row) for row in rows]
 
     # -- writing
 
