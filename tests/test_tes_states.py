@@ -43,7 +43,7 @@ def test_every_state_filter_finds_exactly_the_tasks_shown_in_that_state(tmp_path
     assert shown["queued"] == "QUEUED" and shown["initializing"] == "INITIALIZING"
     assert shown["running"] == shown["timing-out"] == "RUNNING"
     assert shown["canceling"] == shown["canceling-while-queued"] == "CANCELING"
-    assert shown["ended-exit_code"] == shown["ended-oom"] == "EXECUTOR_ERROR"
+    assert shown["ended-exit_code"] == shown["ended-oom"] == shown["ended-gpu_oom"] == "EXECUTOR_ERROR"
     assert shown["ended-cancel"] == shown["ended-abandoned"] == "CANCELED"
     assert shown["ended-timeout"] == shown["ended-engine"] == shown["ended-without-a-kind"] == "SYSTEM_ERROR"
     for state in STATES:

@@ -13,19 +13,22 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import serving
 from .access import AccessPolicy
-from .api import dashboard, files, gpu, health, jobs, schemas, services, tes
+from .api import dashboard, files, gpu, health, jobs, metrics, schemas, services, tes
 from .api.auth import Gate, TokenMiddleware
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
 from .errors import DsmError
+from .metrics import HttpMetrics, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ def create_app(config: Config, port: int) -> FastAPI:
     )
     tes_router = tes.router(context.tes) if config.tes_enabled else tes.disabled_router()
     routers = (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
-               health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs))
+               health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs),
+               metrics.router(Metrics(context.store, context.jobs.gpus_overview)))
     # One flat table (an included router is searched as a whole), with the routes 4CAT calls by the
     # thousand first: routes are tried in turn. The sort is stable, so the rest keep their order.
     app.router.routes.extend(route for router in routers for route in router.routes)
@@ -156,6 +160,8 @@ def create_app(config: Config, port: int) -> FastAPI:
     app.add_middleware(TokenMiddleware, tokens=context.tokens,
                        gate=Gate(require_token=config.require_token, tes_enabled=config.tes_enabled))
     app.add_middleware(AccessMiddleware, policy=context.policy)
+    plain = {r.endpoint: r.path for r in app.router.routes if isinstance(r, Route) and not isinstance(r, APIRoute)}
+    app.add_middleware(HttpMetrics, plain_routes=plain)  # outermost: refusals are timed and counted too
     return app
 
 

@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import BadRequest, RangeNotSatisfiable
 from ..files.service import FileService
 from ..files.storage import OpenFile
+from ..metrics import transferred
 from . import schemas
 from .auth import acting
 from .http import caller, json_response
@@ -56,6 +57,7 @@ def router(files: FileService) -> APIRouter:
                                         caller(request))
         except ClientDisconnect:
             return Response(status_code=400)
+        transferred("upload", result.stored_files, result.stored_bytes)
         return json_response(result.body())
 
     # -- listing
@@ -140,6 +142,7 @@ def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
     if request.method == "HEAD":
         opened.close()
         return Response(status_code=status, headers=headers, media_type=media_type)
+    transferred("download", 1, 0)
     return StreamingResponse(_chunks(opened.read(start, end)), status_code=status, headers=headers,
                              media_type=media_type)
 
@@ -149,6 +152,7 @@ async def _chunks(reading: Iterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for data in iterate_in_threadpool(reading):
             yield data
+            transferred("download", 0, len(data))
     finally:
         close = getattr(reading, "close", None)
         if close is not None:

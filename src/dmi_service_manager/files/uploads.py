@@ -54,6 +54,8 @@ class UploadResult:
     folder_name: str
     accepted: dict[str, list[str]]
     errors: dict[str, str]
+    stored_files: int = 0  # what the metrics count; not part of 4CAT's answer
+    stored_bytes: int = 0
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"folder_name": self.folder_name, **self.accepted}
@@ -224,6 +226,7 @@ class UploadReceiver:
         folder_name = self.fields.get("folder_name") or uuid.uuid4().hex
         collection = split_path(folder_name, "folder_name")
         accepted: dict[str, list[str]] = {}
+        stored_files = stored_bytes = 0
         if all(part.refused for part in self.files):
             self.storage.ensure_dir(collection)  # made all the same, as the original did
         for part in self.files:
@@ -235,6 +238,8 @@ class UploadReceiver:
                 self.storage.ensure_dir(target)
             else:
                 assert part.staged is not None
+                stored_files += 1
+                stored_bytes += os.fstat(part.staged.fd).st_size
                 with disk_full_is_507():
                     self.storage.place(part.staged, target, part.name)
                 part.staged.discard()
@@ -242,7 +247,8 @@ class UploadReceiver:
             accepted.setdefault(part.field_name, []).append(part.filename or "")
         if self.errors:
             log.warning("upload to %s: refused %s", display(collection), self.errors)
-        return UploadResult(folder_name=folder_name, accepted=accepted, errors=self.errors)
+        return UploadResult(folder_name=folder_name, accepted=accepted, errors=self.errors, stored_files=stored_files,
+                            stored_bytes=stored_bytes)
 
 
 def _disposition(header: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from ..runtime.base import (
     argv_too_long,
 )
 from .model import Failure, Job, JobStatus, StopReason, error_results
-from .workload import Ended, StepExit
+from .workload import Ended, StepExit, exit_failure
 
 
 def container_name(instance_id: str, job_id: int) -> str:
@@ -133,8 +133,8 @@ def outcome(
         )
     failure = None
     if failed:
-        failure = (stop_failure(job) if job.stop_reason else Failure.OOM if state.oom_killed
-                   else Failure.ENGINE if engine_outage else Failure.EXIT_CODE)
+        failure = (stop_failure(job) if job.stop_reason else Failure.ENGINE if engine_outage and not state.oom_killed
+                   else exit_failure(state, stderr))
     return Outcome(status=JobStatus.ERROR if failed else JobStatus.COMPLETE, results=results, failure=failure)
 
 

@@ -53,6 +53,7 @@ class Failure(enum.StrEnum):
 
     EXIT_CODE = "exit_code"  # the container (an executor) exited non-zero
     OOM = "oom"  # killed for using more memory than it may
+    GPU_OOM = "gpu_oom"  # ran out of GPU memory (CUDA said so on stderr)
     TIMEOUT = "timeout"
     CANCEL = "cancel"
     ABANDONED = "abandoned"
@@ -64,7 +65,7 @@ class Failure(enum.StrEnum):
 
     @property
     def by_executor(self) -> bool:
-        return self in (Failure.EXIT_CODE, Failure.OOM)
+        return self in (Failure.EXIT_CODE, Failure.OOM, Failure.GPU_OOM)
 
     @property
     def cancelled(self) -> bool:

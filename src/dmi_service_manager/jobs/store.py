@@ -60,17 +60,19 @@ _ACTIVE = "status NOT IN ('complete', 'error')"
 _TRANSITION_COLUMNS = frozenset({
     "results", "completed_at", "message", "container_id", "gpu_ids", "details", "failure", "task_log", "step",
 })
-# A TES state as a condition on the columns it is read from (see tes/states.py).
+# A TES state as a condition on the columns it is read from (see tes/states.py), from the same Failure
+# properties that the displayed state reads.
+_EXECUTOR = ", ".join(f"'{f.value}'" for f in Failure if f.by_executor)
+_CANCELLED = ", ".join(f"'{f.value}'" for f in Failure if f.cancelled)
 TES_STATE_SQL = {
     "QUEUED": "status = 'pending' AND claimed_at IS NULL AND stop_reason IS NULL",
     "INITIALIZING": "status = 'pending' AND claimed_at IS NOT NULL AND stop_reason IS NULL",
     "RUNNING": "status = 'running' AND (stop_reason IS NULL OR stop_reason = 'timeout')",
     "CANCELING": f"{_ACTIVE} AND stop_reason IN ('cancel', 'abandoned')",
     "COMPLETE": "status = 'complete'",
-    "EXECUTOR_ERROR": "status = 'error' AND failure IN ('exit_code', 'oom')",
-    "CANCELED": "status = 'error' AND failure IN ('cancel', 'abandoned')",
-    "SYSTEM_ERROR": "status = 'error'"
-                    " AND (failure IS NULL OR failure NOT IN ('exit_code', 'oom', 'cancel', 'abandoned'))",
+    "EXECUTOR_ERROR": f"status = 'error' AND failure IN ({_EXECUTOR})",
+    "CANCELED": f"status = 'error' AND failure IN ({_CANCELLED})",
+    "SYSTEM_ERROR": f"status = 'error' AND (failure IS NULL OR failure NOT IN ({_EXECUTOR}, {_CANCELLED}))",
 }
 
 
@@ -81,6 +83,25 @@ class TaskFilter:
     name_prefix: str | None = None
     state: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tally:
+    status: str
+    service: str  # a TES task has none: its kind stands in
+    kind: str
+    failure: str | None
+    started: bool
+    count: int
+
+
+@dataclass(frozen=True)
+class Spans:
+    service: str
+    kind: str
+    count: int
+    total: float
+    cumulative: list[int]  # jobs at or under each bound
 
 
 @dataclass(frozen=True)
@@ -268,6 +289,29 @@ class Store:
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         return {str(row["status"]): int(row["n"]) for row in rows}
+
+    def tallies(self) -> list[Tally]:
+        """Every job counted once, by what metrics label it with: one scan of the table."""
+        rows = self._conn().execute(
+            "SELECT status, COALESCE(service, jobtype) AS service, COALESCE(kind, '4cat') AS kind,"
+            " failure, started_at IS NOT NULL AS started, count(*) AS n FROM jobs GROUP BY 1, 2, 3, 4, 5")
+        return [Tally(str(r["status"]), str(r["service"]), str(r["kind"]), r["failure"], bool(r["started"]),
+                      int(r["n"])) for r in rows]
+
+    def spans(self, span: str, bounds: Sequence[float]) -> list[Spans]:
+        """How long jobs waited (`wait`: created to started) or ran (`run`: started to completed), counted into
+        cumulative buckets by service and kind, in one scan. Seconds; created_at and completed_at are whole."""
+        if span == "wait":
+            value, present = "started_at - created_at", "started_at IS NOT NULL"
+        else:
+            value, present = "completed_at - started_at", "started_at IS NOT NULL AND completed_at IS NOT NULL"
+        buckets = "".join(f", sum(v <= {float(b)!r}) AS b{i}" for i, b in enumerate(bounds))
+        rows = self._conn().execute(
+            f"SELECT service, kind, count(*) AS n, total(v) AS total{buckets} FROM (SELECT COALESCE(service, jobtype)"
+            f" AS service, COALESCE(kind, '4cat') AS kind, max({value}, 0) AS v FROM jobs WHERE {present})"
+            " GROUP BY 1, 2")
+        return [Spans(str(r["service"]), str(r["kind"]), int(r["n"]), float(r["total"]),
+                      [int(r[f"b{i}"]) for i in range(len(bounds))]) for r in rows]
 
     def recent_failures(self, limit: int) -> list[Job]:
         """The newest jobs that ended in error, newest first."""

@@ -7,11 +7,23 @@ staged before the first and outputs collected after the last.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..runtime.base import CapturedLog, ContainerSpec, ContainerState
 from .model import Failure, Job, JobStatus
+
+# What CUDA, PyTorch and cuBLAS write when a card's memory runs out; 4CAT's processors look for the first.
+_GPU_OOM = re.compile(r"CUDA error: out of memory|CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"
+                      r"|cudaErrorMemoryAllocation")
+
+
+def exit_failure(state: ContainerState, stderr: CapturedLog) -> Failure:
+    """Why a container that exited non-zero failed: memory (the host's or a GPU's), or its own reasons."""
+    if state.oom_killed:
+        return Failure.OOM
+    return Failure.GPU_OOM if _GPU_OOM.search(stderr.text) else Failure.EXIT_CODE
 
 
 class CannotRun(Exception):

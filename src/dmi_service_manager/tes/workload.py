@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import DsmError
 from ..jobs.launch import stop_failure
 from ..jobs.model import Failure, Job, JobStatus, error_results
-from ..jobs.workload import CannotRun, Ended, NextStep, StepExit
+from ..jobs.workload import CannotRun, Ended, NextStep, StepExit, exit_failure
 from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec, Mount, StartFailed
 from .images import image_allowed
 from .schema import Output, Task, has_wildcard
@@ -193,7 +193,7 @@ class TesWorkload:
                 why += "; it was killed for using more memory than resources.ram_gb allows"
             if exit.engine_outage:
                 return self._ended(job, task_log, f"{why} while the {exit.engine_outage} restarted", Failure.ENGINE)
-            return self._ended(job, task_log, why, Failure.OOM if state.oom_killed else Failure.EXIT_CODE,
+            return self._ended(job, task_log, why, exit_failure(state, exit.stderr),
                                returncode=code, stderr=exit.stderr.text)
         if job.step + 1 < len(task.executors):
             return NextStep(step=job.step + 1, task_log=task_log)
