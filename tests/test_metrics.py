@@ -131,3 +131,9 @@ def test_every_metric_the_grafana_dashboard_queries_exists_in_a_real_scrape(gpu_
     assert len(queried) >= 12
     missing = sorted(name for name in queried if name not in metrics)
     assert not missing, f"the dashboard queries metrics a scrape does not have: {missing}"
+
+
+def test_an_admin_can_turn_metrics_off(make_server: Callable[..., Server]) -> None:
+    server = make_server(METRICS=False)
+    refused = server.get("/metrics")
+    assert refused.status_code == 404 and refused.json()["reason"]

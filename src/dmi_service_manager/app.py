@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -132,9 +132,10 @@ def create_app(config: Config, port: int) -> FastAPI:
         telemetry={"tracing": False, "metrics": False},  # checked on every request otherwise
     )
     tes_router = tes.router(context.tes) if config.tes_enabled else tes.disabled_router()
-    routers = (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
-               health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs),
-               metrics.router(Metrics(context.store, context.jobs.gpus_overview)))
+    routers: tuple[APIRouter, ...] = (jobs.router(context.jobs), files.router(context.files), gpu.router(context.jobs),
+               health.router(context.health), dashboard.router(), tes_router, services.router(context.jobs))
+    if config.metrics:
+        routers += (metrics.router(Metrics(context.store, context.jobs.gpus_overview)),)
     # One flat table (an included router is searched as a whole), with the routes 4CAT calls by the
     # thousand first: routes are tried in turn. The sort is stable, so the rest keep their order.
     app.router.routes.extend(route for router in routers for route in router.routes)
@@ -160,8 +161,9 @@ def create_app(config: Config, port: int) -> FastAPI:
     app.add_middleware(TokenMiddleware, tokens=context.tokens,
                        gate=Gate(require_token=config.require_token, tes_enabled=config.tes_enabled))
     app.add_middleware(AccessMiddleware, policy=context.policy)
-    plain = {r.endpoint: r.path for r in app.router.routes if isinstance(r, Route) and not isinstance(r, APIRoute)}
-    app.add_middleware(HttpMetrics, plain_routes=plain)  # outermost: refusals are timed and counted too
+    if config.metrics:
+        plain = {r.endpoint: r.path for r in app.router.routes if isinstance(r, Route) and not isinstance(r, APIRoute)}
+        app.add_middleware(HttpMetrics, plain_routes=plain)  # outermost: refusals are timed and counted too
     return app
 
 

@@ -194,6 +194,8 @@ class Config(_Model):
     # Bearer tokens (`dsm token create`): off, 4CAT's routes need only the IP allow-list, as 4CAT sends
     # no token; on, every route does. Cancelling, deleting and TES always need one.
     require_token: bool = Field(default=False, alias="REQUIRE_TOKEN")
+    # Prometheus metrics at GET /metrics, and the request timing they need (see README, "Metrics").
+    metrics: bool = Field(default=True, alias="METRICS")
     # The GA4GH TES front door: off unless an admin opens it (see docs/tes.md).
     tes_enabled: bool = Field(default=False, alias="TES_ENABLED")
     tes_allowed_images: list[str] = Field(default_factory=list, alias="TES_ALLOWED_IMAGES")

@@ -114,8 +114,9 @@ class JobCollector(Collector):
                                      " (exit_code, oom, gpu_oom, timeout, engine, cancel, ...)",
                                      labels=[*labels, "failure"])
         totals: dict[str, dict[tuple[str, ...], int]] = {"jobs": {}, "started": {}, "finished": {},
-                                                                        "failed": {}}
-        for tally in self.store.tallies():
+                                                          "failed": {}}
+        spans: dict[str, dict[tuple[str, str], _Histogram]] = {"wait": {}, "run": {}}
+        for tally in self.store.tallies(JOB_BOUNDS):
             who = (tally.service, tally.kind)
             _add(totals["jobs"], (tally.status, *who), tally.count)
             if tally.started:
@@ -124,6 +125,10 @@ class JobCollector(Collector):
                 _add(totals["finished"], (*who, tally.status), tally.count)
             if tally.status == "error":
                 _add(totals["failed"], (*who, tally.failure or "unknown"), tally.count)
+            for span, index, total in (("wait", tally.wait_bucket, tally.wait_total),
+                                       ("run", tally.run_bucket, tally.run_total)):
+                if index is not None:
+                    spans[span].setdefault(who, _Histogram()).add(index, tally.count, total)
         for family, name in ((jobs, "jobs"), (started, "started"), (finished, "finished"), (failed, "failed")):
             for values, count in sorted(totals[name].items()):
                 family.add_metric(list(values), count)
@@ -131,10 +136,8 @@ class JobCollector(Collector):
         for span, name, doc in (("wait", "dsm_job_queue_wait_seconds", "From submission to the container's start"),
                                 ("run", "dsm_job_run_seconds", "From the container's start to the job's end")):
             histogram = HistogramMetricFamily(name, doc, labels=labels)
-            for found in self.store.spans(span, JOB_BOUNDS):
-                buckets = [(_bound(b), float(n)) for b, n in zip(JOB_BOUNDS, found.cumulative, strict=True)]
-                histogram.add_metric([found.service, found.kind], [*buckets, ("+Inf", float(found.count))],
-                                     sum_value=found.total)
+            for who, found in sorted(spans[span].items()):
+                histogram.add_metric(list(who), found.buckets(), sum_value=found.total)
             yield histogram
         yield from self._gpus()
 
@@ -155,6 +158,25 @@ class JobCollector(Collector):
             reserved.add_metric(names, found["reserved"])
             held.add_metric(names, len(found["jobs"]))
         yield from (total, used, reserved, held)
+
+
+class _Histogram:
+    """Counts by bucket index, turned into Prometheus's cumulative buckets."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(JOB_BOUNDS) + 1)
+        self.total = 0.0
+
+    def add(self, index: int, count: int, total: float) -> None:
+        self.counts[index] += count
+        self.total += total
+
+    def buckets(self) -> list[tuple[str, float]]:
+        running, answer = 0, []
+        for bound, count in zip([*map(_bound, JOB_BOUNDS), "+Inf"], self.counts, strict=True):
+            running += count
+            answer.append((bound, float(running)))
+        return answer
 
 
 def _add(table: dict[tuple[str, ...], int], key: tuple[str, ...], count: int) -> None:

@@ -87,21 +87,18 @@ class TaskFilter:
 
 @dataclass(frozen=True)
 class Tally:
+    """So many jobs alike in what metrics say of them."""
+
     status: str
     service: str  # a TES task has none: its kind stands in
     kind: str
     failure: str | None
     started: bool
     count: int
-
-
-@dataclass(frozen=True)
-class Spans:
-    service: str
-    kind: str
-    count: int
-    total: float
-    cumulative: list[int]  # jobs at or under each bound
+    wait_bucket: int | None  # None: not started
+    wait_total: float
+    run_bucket: int | None  # None: not both started and ended
+    run_total: float
 
 
 @dataclass(frozen=True)
@@ -290,28 +287,26 @@ class Store:
         rows = self._conn().execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         return {str(row["status"]): int(row["n"]) for row in rows}
 
-    def tallies(self) -> list[Tally]:
-        """Every job counted once, by what metrics label it with: one scan of the table."""
-        rows = self._conn().execute(
-            "SELECT status, COALESCE(service, jobtype) AS service, COALESCE(kind, '4cat') AS kind,"
-            " failure, started_at IS NOT NULL AS started, count(*) AS n FROM jobs GROUP BY 1, 2, 3, 4, 5")
-        return [Tally(str(r["status"]), str(r["service"]), str(r["kind"]), r["failure"], bool(r["started"]),
-                      int(r["n"])) for r in rows]
+    def tallies(self, bounds: Sequence[float]) -> list[Tally]:
+        """Every job counted once, by what metrics label it with and the bucket (index into `bounds`, or
+        len(bounds) past the last) of how long it waited (created to started) and ran (started to
+        completed): one scan of the table. Seconds; created_at and completed_at are whole seconds."""
+        def bucket(value: str) -> str:
+            cases = " ".join(f"WHEN {value} <= {float(b)!r} THEN {i}" for i, b in enumerate(bounds))
+            return f"CASE {cases} ELSE {len(bounds)} END"
 
-    def spans(self, span: str, bounds: Sequence[float]) -> list[Spans]:
-        """How long jobs waited (`wait`: created to started) or ran (`run`: started to completed), counted into
-        cumulative buckets by service and kind, in one scan. Seconds; created_at and completed_at are whole."""
-        if span == "wait":
-            value, present = "started_at - created_at", "started_at IS NOT NULL"
-        else:
-            value, present = "completed_at - started_at", "started_at IS NOT NULL AND completed_at IS NOT NULL"
-        buckets = "".join(f", sum(v <= {float(b)!r}) AS b{i}" for i, b in enumerate(bounds))
         rows = self._conn().execute(
-            f"SELECT service, kind, count(*) AS n, total(v) AS total{buckets} FROM (SELECT COALESCE(service, jobtype)"
-            f" AS service, COALESCE(kind, '4cat') AS kind, max({value}, 0) AS v FROM jobs WHERE {present})"
-            " GROUP BY 1, 2")
-        return [Spans(str(r["service"]), str(r["kind"]), int(r["n"]), float(r["total"]),
-                      [int(r[f"b{i}"]) for i in range(len(bounds))]) for r in rows]
+            "SELECT status, service, kind, failure, started, count(*) AS n,"
+            f" CASE WHEN started THEN {bucket('wait')} END AS wait_bucket, total(wait) AS wait_total,"
+            f" CASE WHEN ran THEN {bucket('run')} END AS run_bucket, total(run) AS run_total"
+            " FROM (SELECT status, COALESCE(service, jobtype) AS service, COALESCE(kind, '4cat') AS kind, failure,"
+            " started_at IS NOT NULL AS started, started_at IS NOT NULL AND completed_at IS NOT NULL AS ran,"
+            " max(started_at - created_at, 0) AS wait, max(completed_at - started_at, 0) AS run FROM jobs)"
+            " GROUP BY 1, 2, 3, 4, 5, 7, 9")
+        return [Tally(status=str(r["status"]), service=str(r["service"]), kind=str(r["kind"]), failure=r["failure"],
+                      started=bool(r["started"]), count=int(r["n"]), wait_bucket=r["wait_bucket"],
+                      wait_total=float(r["wait_total"]), run_bucket=r["run_bucket"], run_total=float(r["run_total"]))
+                for r in rows]
 
     def recent_failures(self, limit: int) -> list[Job]:
         """The newest jobs that ended in error, newest first."""
