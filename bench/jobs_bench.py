@@ -39,6 +39,7 @@ from common import (
     ROOT,
     baseline_server,
     dsm_server,
+    dsm_token,
     log_problems,
     percentile,
     server_instance,
@@ -260,8 +261,9 @@ def latency_and_polls(quick: bool) -> None:
                         steps[step]()
             # The 200 submitted jobs wait behind the long ones: cancel them first (at once, they never started),
             # then the long ones, which stop with a grace period; let the server finish before it is stopped.
+            admin = {"Authorization": f"Bearer {dsm_token(folder, 'bench-admin', 'admin')}"}
             for key in queued + long:
-                session.delete(f"{url}/api/jobs/{key}", timeout=30)
+                session.delete(f"{url}/api/jobs/{key}", timeout=30, headers=admin)
             wait_all_final(url, 120)
             unfinished = settle_containers(server_instance(url), 60)
             problems, first_problems = log_problems(folder / "dsm.log")

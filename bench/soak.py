@@ -39,6 +39,7 @@ from common import (
     BUSYBOX,
     ROOT,
     dsm_server,
+    dsm_token,
     log_problems,
     percentile,
     server_instance,
@@ -80,9 +81,10 @@ class Tally:
 class FourCat:
     """4CAT's remote-mode calls, each a bare request on a new connection, timed per kind."""
 
-    def __init__(self, url: str, tally: Tally) -> None:
+    def __init__(self, url: str, tally: Tally, admin_token: str) -> None:
         self.api = f"{url}/api/"
         self.tally = tally
+        self.admin = {"Authorization": f"Bearer {admin_token}"}  # the clean-up is an admin's, as 4CAT never deletes
 
     def call(self, kind: str, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs: Any) -> Any:
         timeout = 120 if kind == "upload" else 30
@@ -150,7 +152,7 @@ class FourCat:
         if status == "complete" and not good:
             with self.tally.lock:
                 self.tally.bad_results += 1
-        self.call("delete", "DELETE", f"files/{collection}")
+        self.call("delete", "DELETE", f"files/{collection}", headers=self.admin)
 
 
 def sampler(pid: int, tally: Tally, every: float, stop: threading.Event,
@@ -206,7 +208,7 @@ def main() -> None:
         with dsm_server(folder, MAX_CONCURRENT_JOBS=args.in_flight, DOCKER_ENDPOINTS={"fake": SERVICE}) as (url,
                                                                                                            server):
             instance = server_instance(url)
-            fourcat = FourCat(url, tally)
+            fourcat = FourCat(url, tally, dsm_token(folder, "soak-admin", "admin"))
             numbers = itertools.count()
             lock = threading.Lock()
             deadline = time.monotonic() + limit
