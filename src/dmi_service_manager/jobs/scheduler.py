@@ -86,6 +86,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsm-job")
+        self._readers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsm-logs")  # never waits on _pool
         self._events: EventStream | None = None
         self._gpu_runtime: tuple[float, str | None] | None = None
         self._image_ids: dict[str, tuple[float, str]] = {}
@@ -102,6 +103,7 @@ class Scheduler:
         if self._events is not None:
             self._events.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -335,6 +337,12 @@ class Scheduler:
         if job.container_id != container_id:  # an earlier step's container, already recorded
             self._quietly(self.backend.remove, container_id)
             return
+        # The container's state and both of its streams are asked for at once: three round trips to the
+        # engine cost one. Nearly every container asked about here has ended; a read for one that has not
+        # is simply dropped.
+        limit = self.config.log_max_bytes
+        stdout, stderr = (self._readers.submit(self.backend.logs, container_id, stream, limit)
+                          for stream in ("stdout", "stderr"))
         state = self.backend.inspect(container_id)
         if state is None:
             self._fail(job, "The job's container disappeared (removed outside this server) before its end was"
@@ -345,9 +353,7 @@ class Scheduler:
         if int(state.labels.get(LABEL_STEP, job.step)) != job.step:
             self.backend.remove(container_id)  # a step already recorded; a crash kept its container
             return
-        limit = self.config.log_max_bytes
-        exit = StepExit(state=state, stdout=self.backend.logs(container_id, "stdout", limit),
-                        stderr=self.backend.logs(container_id, "stderr", limit),
+        exit = StepExit(state=state, stdout=stdout.result(), stderr=stderr.result(),
                         engine_outage=self.backend.engine if outage or self._in_outage(state.finished_at) else None)
         result = self.workloads[job.kind].step_ended(job, exit)
         if isinstance(result, NextStep):
