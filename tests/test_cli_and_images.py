@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,13 @@ from dmi_service_manager.runtime.images import RECIPE_LABEL, build_service, reci
 from support import OCR, Server, free_port, wait_until
 
 
-def dsm(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def dsm(*args: str, cwd: Path | None = None, timeout: float = 120,
+        token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DSM_SERVER", "DSM_TOKEN")}
+    if token is not None:
+        env["DSM_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "dmi_service_manager", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def test_submit_wait_jobs_logs_and_cancel_from_the_command_line(server: Server) -> None:
@@ -23,19 +28,20 @@ def test_submit_wait_jobs_logs_and_cancel_from_the_command_line(server: Server) 
     assert done.returncode == 0, done.stderr
     assert "complete" in done.stdout and "from the cli" in done.stdout
     failed = dsm("submit", "--server", server.url, "--wait", "fake_local", "--", "--stderr", "broken", "--exit", "2")
-    assert failed.returncode == 1 and "returncode 2" in failed.stdout and "broken" in failed.stdout
+    assert failed.returncode == 1 and "broken" in failed.stdout
+    assert any(line.split() == ["returncode", "2"] for line in failed.stdout.splitlines()), failed.stdout
     listing = dsm("jobs", "--server", server.url)
     assert listing.returncode == 0 and "/api/fake_local" in listing.stdout and "complete" in listing.stdout
     assert "from the cli" in dsm("logs", "--server", server.url, "1").stdout
     key = server.submit("fake_local", ["--sleep", "60"])["key"]
     server.wait_status(key, "running")
-    cancel = dsm("cancel", "--server", server.url, str(key))
-    assert cancel.returncode == 0
+    cancel = dsm("cancel", "--server", server.url, str(key), token=server.token("admin"))  # DELETE: admin only
+    assert cancel.returncode == 0, cancel.stderr
     assert server.wait_final(key)["status"] == "error"
     missing = dsm("job", "--server", server.url, "4242")
-    assert missing.returncode == 1 and "error 404" in missing.stderr
+    assert missing.returncode == 5 and "not found" in missing.stderr  # exit codes: dsm --help
     unreachable = dsm("jobs", "--server", f"http://127.0.0.1:{free_port()}")
-    assert unreachable.returncode == 1 and "cannot reach the server" in unreachable.stderr
+    assert unreachable.returncode == 3 and "cannot reach the server" in unreachable.stderr
 
 
 def test_an_image_recipe_is_cached_by_hash_and_rebuilt_when_it_changes(tmp_path: Path, busybox_image: str,

@@ -459,6 +459,10 @@ class Scheduler:
                     if job_id.isdigit():
                         with self._lock:
                             self._flags.exited[int(job_id)] = event.container_id
+                        # Straight to a pool thread, not through the next tick: the tick may be busy
+                        # admitting, and 4CAT's next poll should already see the end.
+                        if self.engine_reachable:
+                            self._finish_exited()
                         self._wake.set()
                 if not self._stop.is_set():
                     self._engine_lost(f"the {self.backend.engine}'s event stream ended")

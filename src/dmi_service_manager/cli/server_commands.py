@@ -1,0 +1,210 @@
+"""The commands run on the server's own machine: serve, check-config, token, build-service.
+
+They read the configuration (and, for tokens, the server's database) directly; none of them talks HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..config import load_config
+from ..errors import ConfigError
+from .exits import FAILED, USAGE, CliError
+from .render import stdout_console, when
+
+CONFIG_HELP = "config.yml (default: ./config.yml, else the embedded default)"
+
+
+def _load(path: str | None) -> Any:
+    try:
+        return load_config(Path(path) if path else None)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc.message}", USAGE) from None
+
+
+def default_workers() -> int:
+    """One process per CPU: polls and uploads then use every core, as a bare app with as many workers
+    would. Past four, an I/O-bound server gains little and each process costs its own memory."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+@click.command()
+@click.option("--config", help=CONFIG_HELP)
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=int, default=4000, show_default=True)
+@click.option("--workers", type=int, default=default_workers,
+              help="worker processes, each serving every route (default: one per CPU, at most 4)")
+@click.option("--access-log", is_flag=True, help="log every request")
+def serve(config: str | None, host: str, port: int, workers: int, access_log: bool) -> int:
+    """Run the HTTP API (and the job scheduler)."""
+    import uvicorn
+
+    from ..app import ENV_CONFIG, ENV_PORT, ENV_SUPERVISOR
+    from ..checks import engine_warnings
+    from ..runtime.backends import make_backend
+    from ..serving import HEAD_SECONDS, MAX_HEAD_BYTES, MAX_HEADERS, raise_descriptor_limit, uvicorn_settings
+
+    loaded = _load(config)
+    settings = loaded.config
+    print(f"dsm: using {loaded.source}", file=sys.stderr)
+    warnings = loaded.warnings + engine_warnings(settings, make_backend(settings, timeout=5))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    os.environ[ENV_CONFIG] = str(Path(config).resolve()) if config else ""
+    os.environ[ENV_PORT] = str(port)
+    os.environ[ENV_SUPERVISOR] = str(os.getpid())
+    soft, hard = raise_descriptor_limit()
+    print(f"dsm: open files: {soft} (hard limit {hard}); request heads: at most {MAX_HEAD_BYTES} bytes,"
+          f" {MAX_HEADERS} headers, {HEAD_SECONDS:g} s", file=sys.stderr)
+    uvicorn.run(
+        "dmi_service_manager.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=access_log,
+        log_level=settings.log_level.lower(),
+        **uvicorn_settings(),
+    )
+    return 0
+
+
+@click.command("check-config")
+@click.argument("path", required=False)
+@click.option("--strict", is_flag=True, help="fail on warnings too")
+@click.option("--offline", is_flag=True, help="do not ask Docker about images and GPUs")
+def check_config(path: str | None, strict: bool, offline: bool) -> int:
+    """Validate a config and list the endpoints it would register."""
+    from ..checks import describe_endpoints, engine_warnings
+    from ..runtime.backends import make_backend
+
+    loaded = _load(path)
+    print(f"{loaded.source}: valid")
+    endpoints = describe_endpoints(loaded.config)
+    print("endpoints it would register:" if endpoints else "it would register no service endpoint")
+    for line in endpoints:
+        print(f"  {line}")
+    warnings = loaded.warnings
+    if not offline:
+        backend = make_backend(loaded.config, timeout=5)
+        engine = engine_warnings(loaded.config, backend)
+        answers = not any(w.startswith(f"{backend.engine}:") for w in engine)
+        print(f"backend: {backend.name} ({backend.engine}) " + ("answers" if answers else "does not answer"))
+        warnings += engine
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if warnings and strict:
+        print(f"{len(warnings)} warning(s); --strict fails on warnings", file=sys.stderr)
+        return FAILED
+    return 0
+
+
+# -- tokens: in the server's database, made on the server's machine and shown once
+
+
+def _tokens(config: str | None) -> Any:
+    from ..jobs.store import Store
+    from ..tokens import Tokens
+
+    store = Store(_load(config).config.database_file)
+    store.migrate()
+    return Tokens(store)
+
+
+def _name(positional: str | None, option: str | None, action: str) -> str:
+    name = option or positional
+    if not name:
+        raise click.UsageError(f"dsm token {action} needs a name (--name NAME)")
+    return name
+
+
+@click.group()
+def token() -> None:
+    """API tokens (TES, admin actions): create, list, revoke.
+
+    Tokens live in the server's database, so these run on the server's machine with its config. A client
+    sends one as `Authorization: Bearer <token>`; `dsm` client commands take it from DSM_TOKEN.
+    """
+
+
+@token.command("create")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="the token's name")
+@click.option("--scope", type=click.Choice(["read", "submit", "admin"]), default="submit", show_default=True,
+              help="read: look; submit: also submit and upload; admin: also cancel and delete")
+@click.option("--config", help=CONFIG_HELP)
+def token_create(name: str | None, name_option: str | None, scope: str, config: str | None) -> int:
+    """Make a token; only the token is printed on stdout, and only this once."""
+    from ..errors import DsmError
+
+    chosen = _name(name, name_option, "create")
+    tokens = _tokens(config)
+    try:
+        made = tokens.create(chosen, scope)
+    except DsmError as exc:
+        raise CliError(f"token: {exc.message}", USAGE) from None
+    print(made)
+    print(f"token {chosen!r} ({scope}) created; it is shown only this once", file=sys.stderr)
+    return 0
+
+
+@token.command("list")
+@click.option("--config", help=CONFIG_HELP)
+def token_list(config: str | None) -> int:
+    """Every token: name, scope, whether it is revoked; never the token itself."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("NAME", "SCOPE", "STATE", "CREATED", "ID"):
+        table.add_column(column, no_wrap=True)
+    for row in _tokens(config).list():
+        table.add_row(Text(row.name), row.scope, "revoked" if row.revoked_at else "active", when(row.created_at),
+                      str(row.id))
+    stdout_console().print(table)
+    return 0
+
+
+@token.command("revoke")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="the token's name or id")
+@click.option("--config", help=CONFIG_HELP)
+def token_revoke(name: str | None, name_option: str | None, config: str | None) -> int:
+    """Revoke a token by its name or id; it is refused (401) from then on."""
+    chosen = _name(name, name_option, "revoke")
+    if not _tokens(config).revoke(chosen):
+        raise CliError(f"token: no active token named {chosen!r}", FAILED)
+    print(f"token {chosen!r} revoked", file=sys.stderr)
+    return 0
+
+
+@click.command("build-service", short_help="Build a service image (ocr, whisper, a recipe).")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="rebuild even when the recipe is unchanged")
+@click.option("--gpu", is_flag=True,
+              help="the GPU variant (e.g. whisper with the CUDA libraries), tagged dsm-<name>-gpu:latest")
+@click.option("--models", metavar="DIR",
+              help="bake the models in DIR (one model folder, or a folder of them) into the image (whisper)")
+def build_service(name: str, force: bool, gpu: bool, models: str | None) -> int:
+    """Build a bundled service image (ocr, whisper) or a recipe folder, without a registry.
+
+    Prints the image's tag; the build's output goes to stderr. A failed build is one line and exit code 1.
+    """
+    import docker.errors
+
+    from ..runtime.images import build_service as build
+
+    started = time.monotonic()
+    try:
+        tag = build(name, force=force, log=lambda line: print(line, file=sys.stderr), gpu=gpu,
+                    models=Path(models) if models else None)
+    except docker.errors.DockerException as exc:
+        raise CliError(f"building {name} failed after {time.monotonic() - started:.0f} s: {exc}") from None
+    print(tag)
+    return 0

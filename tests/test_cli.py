@@ -1,0 +1,332 @@
+"""The `dsm` client commands, as the installed console script, against real servers.
+
+Uploads and downloads of a tree (resumed, byte-identical), the job listing's filters and JSON, following a
+job's log, cancelling with and without a token, the services and GPUs tables, and the exit codes and
+one-line messages of every expected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dmi_service_manager.cli.transfer import _bad_component, _server_parts
+from support import Server, base_config, free_port
+
+DSM = Path(sys.executable).parent / "dsm"
+
+
+def dsm(*args: str, token: str | None = None, cwd: Path | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The installed `dsm`, with neither DSM_SERVER nor DSM_TOKEN from the test's environment."""
+    assert DSM.exists(), f"{DSM} is missing: run `bash scripts/setup.sh`"
+    env = {k: v for k, v in os.environ.items() if k not in ("DSM_SERVER", "DSM_TOKEN")}
+    if token is not None:
+        env["DSM_TOKEN"] = token
+    return subprocess.run([str(DSM), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def as_json(done: subprocess.CompletedProcess[str]) -> Any:
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], code: int) -> str:
+    """An expected failure: the exit code, one line on stderr, no traceback."""
+    assert done.returncode == code, f"exit {done.returncode}, wanted {code}: {done.stdout}{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) below `root`, by relative path."""
+    found: dict[str, bytes | None] = {}
+    for path in sorted(root.rglob("*")):
+        found[path.relative_to(root).as_posix()] = path.read_bytes() if path.is_file() else None
+    return found
+
+
+def make_tree(root: Path) -> None:
+    uploads = root / "4cat_uploads"
+    (uploads / "deep" / "er").mkdir(parents=True)
+    (uploads / "a.txt").write_text("hello")
+    (uploads / "empty.txt").write_bytes(b"")
+    (uploads / "deep" / "er" / "b.bin").write_bytes(os.urandom(300_000))
+    many = uploads / "many"
+    many.mkdir()
+    for i in range(70):  # more than one request's worth of parts
+        (many / f"f{i:02d}.txt").write_text(str(i) * i)
+    (root / "other").mkdir()
+    (root / "other" / "c.json").write_text('{"c": 1}')
+    (root / "results").mkdir()  # empty: made on the server too
+
+
+# -- files
+
+
+def test_upload_skips_what_is_there_and_download_gives_back_the_same_tree(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    make_tree(source)
+    files = sorted(p for p, data in tree(source).items() if data is not None)
+
+    first = as_json(dsm("upload", str(source), "coll", "--server", server.url, "--json"))
+    assert sorted(first["uploaded"]) == files and first["skipped"] == [] and first["failed"] == {}
+    assert first["folders_made"] == ["results"]
+    listing = server.get("/api/list_filenames/coll").json()
+    assert listing["4cat_uploads/deep/er"] == ["b.bin"] and len(listing["4cat_uploads/many"]) == 70
+    assert listing["results"] == [] and listing["."] == []
+
+    again = as_json(dsm("upload", str(source), "coll", "--server", server.url, "--json"))
+    assert again["uploaded"] == [] and sorted(again["skipped"]) == files
+
+    (source / "4cat_uploads" / "a.txt").write_text("hello again")  # changed (another size)
+    (source / "other" / "new.txt").write_text("new")
+    human = dsm("upload", str(source), "coll", "--server", server.url)
+    assert human.returncode == 0, human.stderr
+    assert f"uploaded 2 files (14 B); {len(files) - 1} already there, skipped" in human.stdout
+    assert server.get("/api/download/coll/4cat_uploads/a.txt").content == b"hello again"
+
+    out = tmp_path / "out"
+    fetched = as_json(dsm("download", "coll", "--out", str(out), "--server", server.url, "--json"))
+    assert len(fetched["downloaded"]) == len(files) + 1 and fetched["failed"] == {}
+    assert tree(out) == tree(source)
+    assert as_json(dsm("download", "coll", "--out", str(out), "--server", server.url, "--json"))["downloaded"] == []
+
+    (out / "other" / "c.json").write_text("{}")  # incomplete locally: fetched again
+    refetched = as_json(dsm("download", "coll", "--out", str(out), "--server", server.url, "--json"))
+    assert refetched["downloaded"] == ["other/c.json"] and tree(out) == tree(source)
+
+    part = tmp_path / "part"
+    one = dsm("download", "coll", "4cat_uploads/deep", "--out", str(part), "--server", server.url)
+    assert one.returncode == 0, one.stderr
+    deep = "4cat_uploads/deep/er/b.bin"
+    assert tree(part) == {"4cat_uploads": None, "4cat_uploads/deep": None, "4cat_uploads/deep/er": None,
+                          deep: (source / deep).read_bytes()}
+    assert not list(part.rglob(".dsm-part-*"))
+
+
+def test_files_at_the_top_of_a_folder_go_into_a_folder_of_the_collection(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "images"
+    (source / "sub").mkdir(parents=True)
+    (source / "one.png").write_bytes(b"\x89PNG one")
+    (source / "my photo.png").write_bytes(b"\x89PNG two")
+    (source / "sub" / "three.png").write_bytes(b"\x89PNG three")
+
+    refused = dsm("upload", str(source), "coll", "--server", server.url)
+    line = one_line_error(refused, 2)
+    assert "no files directly in a collection" in line and "coll/4cat_uploads" in line
+
+    done = as_json(dsm("upload", str(source), "coll/4cat_uploads", "--server", server.url, "--json"))
+    assert done["renamed"] == {"my photo.png": "my_photo.png"}  # as werkzeug's secure_filename stores it
+    assert server.get("/api/list_filenames/coll").json()["4cat_uploads"] == ["my_photo.png", "one.png"]
+    again = as_json(dsm("upload", str(source), "coll/4cat_uploads", "--server", server.url, "--json"))
+    assert again["uploaded"] == [] and len(again["skipped"]) == 3
+
+    out = tmp_path / "out"
+    assert dsm("download", "coll/4cat_uploads", "--out", str(out), "--server", server.url).returncode == 0
+    assert (out / "my_photo.png").read_bytes() == b"\x89PNG two"
+    assert (out / "sub" / "three.png").read_bytes() == b"\x89PNG three"
+
+
+def test_a_refused_file_fails_the_upload_and_names_the_file(make_server: Callable[..., Server],
+                                                            tmp_path: Path) -> None:
+    server = make_server(ALLOWED_EXTENSIONS=["png"])
+    source = tmp_path / "source"
+    (source / "in").mkdir(parents=True)
+    (source / "in" / "ok.png").write_bytes(b"png")
+    (source / "in" / "no.exe").write_bytes(b"exe")
+    done = dsm("upload", str(source), "coll", "--server", server.url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed: in/no.exe" in done.stderr and "uploaded 1 file" in done.stdout
+    assert server.get("/api/list_filenames/coll").json()["in"] == ["ok.png"]
+
+
+def test_download_writes_nothing_outside_out(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "f.txt").write_text("data")
+    (source / "top").mkdir()
+    (source / "top" / "g.txt").write_text("more")
+    assert dsm("upload", str(source), "coll", "--server", server.url).returncode == 0
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)  # a planted link: the file would land outside --out
+    done = dsm("download", "coll", "--out", str(out), "--server", server.url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed: sub" in done.stderr and "is a symlink" in done.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert (out / "top" / "g.txt").read_text() == "more"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "x\x00y", "bell\x07", "x" * 256])
+def test_names_from_the_server_that_could_leave_out_are_refused(name: str) -> None:
+    assert _bad_component(name) is not None  # as a file name
+    if "/" not in name:
+        assert _server_parts(f"ok/{name}") is None  # as a folder in a listing
+
+
+def test_server_folder_names_that_are_safe_are_taken_apart() -> None:
+    assert _server_parts(".") == ()
+    assert _server_parts("a/b c/ü") == ("a", "b c", "ü")
+    assert _server_parts("/etc") is None and _server_parts("a//b") is None and _server_parts("a/../b") is None
+
+
+# -- jobs
+
+
+def test_jobs_filters_newest_first_and_json(server: Server) -> None:
+    first = server.submit("fake_local", ["--stdout", "one"], **{"4CAT_dataset_key": "ds-1"})["key"]
+    second = server.submit("fake_local", ["--exit", "3"])["key"]
+    third = server.submit("fake_local", ["--stdout", "three"])["key"]
+    for key in (first, second, third):
+        server.wait_final(key)
+
+    def ids(*args: str) -> list[int]:
+        return [job["id"] for job in as_json(dsm("jobs", "--server", server.url, "--json", *args))["jobs"]]
+
+    assert ids() == [third, second, first]
+    assert ids("--status", "error") == [second]
+    assert ids("--status", "complete", "--service", "fake") == [third, first]
+    assert ids("--dataset-key", "ds-1") == [first]
+    assert ids("--limit", "1") == [third]
+    assert ids("--limit", "1", "--offset", "1") == [second]
+    assert ids("--kind", "tes") == []
+    assert ids("--service", "nosuch") == []
+
+    table = dsm("jobs", "--server", server.url)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "KIND", "STATUS", "WHAT"]
+    assert lines[1].split()[:4] == [str(third), "4cat", "complete", "/api/fake_local"]
+    assert lines[2].split()[:3] == [str(second), "4cat", "error"]
+    assert "no jobs match" in dsm("jobs", "--server", server.url, "--status", "running").stderr
+    usage = dsm("jobs", "--server", server.url, "--status", "finished")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_job_shows_the_results_and_submit_waits_with_an_exit_code(server: Server) -> None:
+    done = dsm("submit", "fake_local", "--wait", "--server", server.url, "--", "--stdout", "from the cli")
+    assert done.returncode == 0, done.stderr
+    assert "complete" in done.stdout and "from the cli" in done.stdout
+    failed = dsm("submit", "--server", server.url, "--wait", "--json", "fake_local", "--", "--stderr", "broken",
+                 "--exit", "2")
+    assert failed.returncode == 1, failed.stderr
+    job = json.loads(failed.stdout)["job"]
+    assert job["status"] == "error" and json.loads(job["results"])["returncode"] == 2
+    shown = dsm("job", "--server", server.url, str(job["id"]))
+    assert shown.returncode == 0, shown.stderr
+    assert "error" in shown.stdout and "broken" in shown.stdout
+    assert any(line.split() == ["returncode", "2"] for line in shown.stdout.splitlines())
+    assert as_json(dsm("job", "--server", server.url, str(job["id"]), "--json"))["job"]["id"] == job["id"]
+
+
+def test_logs_follow_prints_what_the_container_prints_and_ends_with_the_job(server: Server) -> None:
+    key = server.submit("fake_local", ["--stdout", "a line from the container", "--sleep", "4"])["key"]
+    server.wait_status(key, "running")
+    followed = dsm("logs", "-f", "--server", server.url, str(key))
+    assert followed.returncode == 0, followed.stderr
+    assert "a line from the container" in followed.stdout
+    assert server.job(key)["status"] == "complete"  # it ended because the job did
+    tail = dsm("logs", "--tail", "1", "--server", server.url, str(key))
+    assert tail.returncode == 0 and "a line from the container" not in tail.stdout and "args ok" in tail.stdout
+
+
+def test_cancel_needs_an_admin_token(server: Server) -> None:
+    key = server.submit("fake_local", ["--sleep", "60"])["key"]
+    server.wait_status(key, "running")
+    nobody = one_line_error(dsm("cancel", "--server", server.url, str(key)), 4)
+    assert "401" in nobody and "DSM_TOKEN" in nobody and server.url in nobody
+    reader = one_line_error(dsm("cancel", "--server", server.url, str(key), token=server.token("read")), 4)
+    assert "403" in reader and "scope" in reader and "DSM_TOKEN" in reader
+    wrong = one_line_error(dsm("cancel", "--server", server.url, str(key), "--token", "dsm_nonsense"), 4)
+    assert "401" in wrong
+    assert server.job(key)["status"] == "running"
+    cancelled = dsm("cancel", "--wait", "--server", server.url, str(key), token=server.token("admin"))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"job {key} cancelled" in cancelled.stdout
+    job = server.job(key)
+    assert job["status"] == "error" and "dsm cancel" in json.loads(job["results"])["error"]
+
+
+# -- the server
+
+
+def test_services_and_gpus_as_tables_and_json(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    # Cards declared by hand and named to containers in NVIDIA_VISIBLE_DEVICES, so GPU jobs start here.
+    config = base_config(tmp_path, GPU_ENABLED=True, GPU_DEVICE_MODE="environment",
+                         GPU_INVENTORY=[{"id": 0, "memory": "24GiB", "name": "Test Card 4090"}])
+    config["DOCKER_ENDPOINTS"]["fake"].update(gpu=True, gpu_memory="4GiB")
+    server = make_server(config)
+    failed = server.submit("fake_local", ["--stderr", "it broke", "--exit", "1"])["key"]
+    server.wait_final(failed)
+
+    listed = as_json(dsm("services", "--server", server.url, "--json"))
+    [fake] = listed["services"]
+    assert fake["name"] == "fake" and fake["uses_gpu"] is True
+    assert [f["id"] for f in fake["recent_failures"]] == [failed]
+    table = dsm("services", "--server", server.url)
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("fake "))
+    assert "fake_local, fake_remote" in row and "yes, 4.0 GiB" in row
+    assert f"job {failed}" in table.stdout and "it broke" in table.stdout
+
+    running = server.submit("fake_local", ["--sleep", "60"])["key"]
+    server.wait_status(running, "running")
+    gpus = as_json(dsm("gpus", "--server", server.url, "--json"))
+    assert gpus["enabled"] is True and [card["name"] for card in gpus["cards"]] == ["Test Card 4090"]
+    assert gpus["cards"][0]["jobs"] == [{"id": running, "service": "fake", "gpu_memory": 4 << 30}]
+    shown = dsm("gpus", "--server", server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert "GPUs: enabled" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if "Test Card 4090" in line)
+    assert "24.0 GiB" in row and "4.0 GiB" in row and f"{running} fake (4.0 GiB)" in row
+
+
+# -- failures: one line, a code that means something
+
+
+def test_an_unreachable_server_is_one_line_naming_it(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["jobs"], ["job", "1"], ["services"], ["upload", str(tmp_path), "coll"]):
+        line = one_line_error(dsm(*args, "--server", url), 3)
+        assert url in line and "cannot reach the server" in line
+    env_line = one_line_error(subprocess.run([str(DSM), "gpus"], capture_output=True, text=True, timeout=60,
+                                             env={**os.environ, "DSM_SERVER": url}), 3)
+    assert url in env_line
+
+
+def test_unknown_things_are_not_found(server: Server, tmp_path: Path) -> None:
+    for args in (["job", "4242"], ["logs", "4242"], ["cancel", "4242"], ["download", "nosuch", "--out",
+                                                                           str(tmp_path / "x")]):
+        line = one_line_error(dsm(*args, "--server", server.url, token=server.token("admin")), 5)
+        assert "not found" in line
+    assert "4242" in one_line_error(dsm("job", "4242", "--server", server.url), 5)
+
+
+def test_server_side_failures_are_one_line(tmp_path: Path) -> None:
+    line = one_line_error(dsm("build-service", "nosuch", cwd=tmp_path), 1)
+    assert "no service recipe 'nosuch'" in line
+    missing = one_line_error(dsm("check-config", str(tmp_path / "nope.yml")), 2)
+    assert "cannot read the config file" in missing
+
+
+def test_token_commands_run_on_the_servers_config(server: Server) -> None:
+    made = dsm("token", "create", "ci-bot", "--scope", "read", "--config", str(server.config_path))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip().startswith("dsm_") and len(made.stdout.strip().splitlines()) == 1
+    listed = dsm("token", "list", "--config", str(server.config_path))
+    assert any(line.split()[:3] == ["ci-bot", "read", "active"] for line in listed.stdout.splitlines())
+    assert as_json(dsm("jobs", "--server", server.url, "--json", token=made.stdout.strip()))["jobs"] == []
+    assert dsm("token", "revoke", "--name", "ci-bot", "--config", str(server.config_path)).returncode == 0
+    assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
+    assert dsm("token", "create", "--config", str(server.config_path)).returncode == 2
