@@ -162,7 +162,10 @@ def create_app(config: Config, port: int) -> FastAPI:
                        gate=Gate(require_token=config.require_token, tes_enabled=config.tes_enabled))
     app.add_middleware(AccessMiddleware, policy=context.policy)
     if config.metrics:
-        plain = {r.endpoint: r.path for r in app.router.routes if isinstance(r, Route) and not isinstance(r, APIRoute)}
+        plain: dict[Any, str] = {}
+        for route in app.router.routes:
+            if isinstance(route, Route) and not isinstance(route, APIRoute):
+                plain.setdefault(route.endpoint, route.path)  # an endpoint's first path names it
         app.add_middleware(HttpMetrics, plain_routes=plain)  # outermost: refusals are timed and counted too
     return app
 

@@ -42,10 +42,9 @@ def router(files: FileService) -> APIRouter:
 
     # -- uploading (first: 4CAT sends one request per file, tens of thousands per dataset)
 
-    @api.post("/api/send_files", responses={200: {"model": schemas.UploadAnswer}, **schemas.errors(400, 413, 507)},
-              openapi_extra=_MULTIPART)
-    @api.post("/api/send_files/", include_in_schema=False)
     async def send_files(request: Request) -> Response:
+        """4CAT sends one of these per file, tens of thousands per dataset: a plain route, first in the table,
+        without the framework's parameter machinery (documented in schemas.py)."""
         content_type = request.headers.get("content-type", "")
         match = _BOUNDARY.search(content_type)
         if not content_type.lower().startswith("multipart/form-data") or not match:
@@ -59,6 +58,11 @@ def router(files: FileService) -> APIRouter:
             return Response(status_code=400)
         transferred("upload", result.stored_files, result.stored_bytes)
         return json_response(result.body())
+
+    for path in ("/api/send_files", "/api/send_files/"):
+        api.add_route(path, send_files, methods=["POST"], include_in_schema=False)
+    schemas.document("/api/send_files", "post", summary="Upload files into a collection", model=schemas.UploadAnswer,
+                     parameters=[], errors=(400, 413, 507), body=_MULTIPART["requestBody"])
 
     # -- listing
 

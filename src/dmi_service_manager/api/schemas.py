@@ -186,7 +186,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {}
 
 
 def document(path: str, method: str, *, summary: str, model: type[BaseModel], parameters: list[dict[str, Any]],
-             errors: tuple[int, ...] = ()) -> None:
+             errors: tuple[int, ...] = (), body: dict[str, Any] | None = None) -> None:
     COMPONENTS[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
     COMPONENTS.update(COMPONENTS[model.__name__].pop("$defs", {}))
     responses: dict[str, Any] = {"200": {"description": "OK", "content": {"application/json": {
@@ -194,7 +194,10 @@ def document(path: str, method: str, *, summary: str, model: type[BaseModel], pa
     for code in errors:
         responses[str(code)] = {"description": "error", "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-    OPERATIONS.setdefault(path, {})[method] = {"summary": summary, "parameters": parameters, "responses": responses}
+    operation = {"summary": summary, "parameters": parameters, "responses": responses}
+    if body is not None:
+        operation["requestBody"] = body
+    OPERATIONS.setdefault(path, {})[method] = operation
 
 
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
