@@ -330,3 +330,26 @@ def test_token_commands_run_on_the_servers_config(server: Server) -> None:
     assert dsm("token", "revoke", "--name", "ci-bot", "--config", str(server.config_path)).returncode == 0
     assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
     assert dsm("token", "create", "--config", str(server.config_path)).returncode == 2
+
+
+def test_terminal_control_sequences_from_a_container_are_not_passed_to_the_terminal(server: Server) -> None:
+    key = server.submit("fake_local", ["--sleep", "30"])["key"]
+    server.wait_status(key, "running")
+    hostile = "\x1b]52;c;cHduZWQ=\x07\x1b[31mred\x1b]0;title\x07"  # set the clipboard, colour, window title
+    assert server.post("/status_update/", params={"key": key, "status": "running", "message": hostile}).ok
+    for args in (("jobs",), ("job", str(key))):
+        done = dsm(*args, "--server", server.url)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+        assert "red" in done.stdout
+
+
+def test_a_local_file_error_is_one_line(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "source" / "sub"
+    source.mkdir(parents=True)
+    (source / "f.txt").write_text("data")
+    assert dsm("upload", str(tmp_path / "source"), "coll", "--server", server.url).returncode == 0
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where --out wants a folder")
+    line = one_line_error(dsm("download", "coll", "--out", str(blocked / "out"), "--server", server.url), 1)
+    assert str(blocked) in line

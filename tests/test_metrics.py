@@ -15,6 +15,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from dmi_service_manager.jobs.workload import exit_failure
+from dmi_service_manager.runtime.base import CapturedLog, ContainerState
 from support import Server, base_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +139,17 @@ def test_an_admin_can_turn_metrics_off(make_server: Callable[..., Server]) -> No
     server = make_server(METRICS=False)
     refused = server.get("/metrics")
     assert refused.status_code == 404 and refused.json()["reason"]
+
+
+@pytest.mark.parametrize(("stderr", "oom_killed", "failure"), [
+    ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", False, "gpu_oom"),
+    ("RuntimeError: CUDA error: out of memory", False, "gpu_oom"),
+    ("torch.OutOfMemoryError: CUDA out of memory.", False, "gpu_oom"),
+    ("Exception in thread main java.lang.OutOfMemoryError: Java heap space", False, "exit_code"),  # the host's
+    ("Traceback ...\nValueError: bad input", False, "exit_code"),
+    ("", True, "oom"),
+])
+def test_a_failure_is_told_apart_by_what_ran_out(stderr: str, oom_killed: bool, failure: str) -> None:
+    state = ContainerState(id="c", name="c", labels={}, status="exited", exit_code=1, started_at=None,
+                           finished_at=None, image_id="", oom_killed=oom_killed)
+    assert exit_failure(state, CapturedLog(text=stderr, truncated=False, total_bytes=len(stderr))).value == failure

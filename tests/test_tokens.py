@@ -39,7 +39,7 @@ def test_4cat_needs_no_token_unless_the_admin_requires_one(server: Server) -> No
 @pytest.mark.parametrize("authorization", [
     "Bearer dsm_0123456789abcdef_" + "A" * 43,  # well formed, unknown
     "Bearer not-a-token",
-    "Basic dXNlcjpwYXNz",
+    "bearer not-a-token",
     "Bearer",
     "Bearer " + "x" * 10_000,
 ])
@@ -48,6 +48,14 @@ def test_a_wrong_token_is_401_on_every_route_even_those_that_need_none(server: S
                          ("GET", "/api/list_filenames/x"), ("GET", "/api/health")):
         assert_error(requests.request(method, server.url + path, headers={"Authorization": authorization},
                                       json={"args": []}, timeout=30), 401)
+
+
+def test_another_scheme_is_no_token_so_4cat_behind_a_basic_auth_proxy_keeps_working(server: Server) -> None:
+    """The original ignored Authorization; requests sends Basic for a URL with user:pass@, and so may a proxy."""
+    basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+    key = server.post("/api/fake_local", json={"args": ["--exit", "0"]}, headers=basic).json()["key"]
+    assert server.get(f"/api/jobs/{key}", headers=basic).status_code == 200
+    assert_error(server.delete(f"/api/jobs/{key}", headers=basic), 401)  # where a token is needed, it is none
 
 
 def test_a_revoked_token_is_401_at_once(server: Server) -> None:

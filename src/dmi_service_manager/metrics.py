@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ def _shared_folder() -> str:
     """The folder the workers of this server share: named for the process that started them. Folders of
     servers that are gone are removed, so that a restart starts its counters from zero."""
     given = os.environ.get(_MULTIPROC)
-    if given:
+    if given and _private(Path(given)):
         return given
     supervisor = os.environ.get(_SUPERVISOR, "")
     owner = int(supervisor) if supervisor.isdigit() else os.getpid()
@@ -36,11 +37,24 @@ def _shared_folder() -> str:
     prefix = f"dsm-metrics-{os.getuid()}-"
     for old in base.glob(prefix + "*"):
         pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != owner and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != owner and not _alive(int(pid)) and _private(old):
             shutil.rmtree(old, ignore_errors=True)
     folder = base / f"{prefix}{owner}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    if not _private(folder):
+        # Someone else made it (the name is guessable in a shared /tmp): never write counts there.
+        return tempfile.mkdtemp(prefix=f"{prefix}{owner}-")
     return str(folder)
+
+
+def _private(folder: Path) -> bool:
+    """A real folder (not a link), ours, that nobody else may read or write."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077 == 0
 
 
 def _alive(pid: int) -> bool:

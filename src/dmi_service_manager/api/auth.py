@@ -7,6 +7,7 @@ submitting and uploading `submit`, deleting `admin`. Whether a request may come 
 - with REQUIRE_TOKEN, nothing else may either, but for the pages that carry no data (the dashboard's
   shell, the API description) and the progress that containers post from this host;
 - otherwise everything else may: 4CAT's client sends no token, and the IP allow-list guards it.
+Only `Authorization: Bearer` is a token; any other scheme is treated as no token.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class Gate:
         return path in LOOPBACK_PATHS and _is_loopback(address)
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the root path a proxy mounts the app under."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return str(path[len(root):] if root and path.startswith(root) else path)
+
+
 def _is_loopback(address: str) -> bool:
     return address in ("127.0.0.1", "::1") or address.startswith("127.")
 
@@ -87,9 +94,13 @@ class TokenMiddleware:
         authorization = None
         for key, value in scope["headers"]:
             if key == b"authorization":
-                authorization = value.decode("latin-1")
+                # Only a bearer credential is a token. Another scheme (Basic, from a URL with user:pass@ or a
+                # proxy's own login, which the original ignored) counts as none, so 4CAT keeps working.
+                scheme = value.split(None, 1)[0].lower() if value.strip() else b""
+                if scheme == b"bearer":
+                    authorization = value.decode("latin-1")
                 break
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], _route_path(scope)
         try:
             if authorization is None:
                 if not self.gate.optional(method, path, str(scope.get(CALLER_KEY) or "")):

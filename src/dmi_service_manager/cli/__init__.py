@@ -71,4 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dsm logs -f 12 | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return FAILED
+    except OSError as exc:  # this machine's side: an unwritable --out, a full disk, an unreadable file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", FAILED)
     return result if isinstance(result, int) else 0

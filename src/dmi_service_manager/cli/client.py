@@ -33,9 +33,18 @@ def _version() -> str:
         return "unknown"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text from elsewhere without terminal control characters (a job's message comes from any container,
+    and an escape sequence could set the title, the clipboard or the colours); newlines and tabs stay."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """Text from elsewhere (a server's reason, an exception) as one line of at most `limit` characters."""
-    flat = " ".join(str(text).split())
+    flat = " ".join(printable(str(text)).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

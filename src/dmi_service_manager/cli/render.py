@@ -17,6 +17,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .client import one_line, printable
+
 PIPE_WIDTH = 200  # a table written to a pipe or file is not cut to 80 columns
 STATUS_STYLES = {"complete": "green", "error": "red", "running": "cyan", "pending": "yellow", "created": "yellow"}
 TAIL_LINES = 20
@@ -63,12 +65,16 @@ def duration(seconds: float) -> str:
 
 
 def status_text(status: str) -> Text:
-    return Text(status, style=STATUS_STYLES.get(status, ""))
+    return _text(status, STATUS_STYLES.get(status, ""))
 
 
 def _flat(value: Any, limit: int = 0) -> str:
-    text = " ".join(str(value).split()) if value is not None else ""
-    return text[: limit - 1] + "…" if limit and len(text) > limit else text
+    return one_line(str(value), limit or 1_000_000) if value is not None else ""
+
+
+def _text(value: Any, style: str = "") -> Text:
+    """A server's text as Rich text: never markup, never a terminal control sequence."""
+    return Text(printable(str(value)), style=style)
 
 
 def _what(job: dict[str, Any]) -> str:
@@ -101,9 +107,9 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table.add_column("MESSAGE", overflow="ellipsis", no_wrap=True, max_width=80)
     for job in jobs:
         records = job.get("processed_records")
-        table.add_row(str(job.get("id")), Text(str(job.get("kind", "4cat"))), status_text(str(job.get("status"))),
-                      Text(_what(job)), when(job.get("created_at")), _took(job),
-                      "-" if records is None else str(records), Text(_flat(job.get("message"), 80)))
+        table.add_row(str(job.get("id")), _text(job.get("kind", "4cat")), status_text(str(job.get("status"))),
+                      _text(_what(job)), when(job.get("created_at")), _took(job),
+                      "-" if records is None else str(records), _text(_flat(job.get("message"), 80)))
     return table
 
 
@@ -125,7 +131,7 @@ def job_view(job: dict[str, Any]) -> RenderableType:
     if job.get("completed_at"):
         grid.add_row("completed", f"{when(job['completed_at'])} (took {_took(job)})")
     if job.get("message"):
-        grid.add_row("message", Text(_flat(job["message"])))
+        grid.add_row("message", _text(_flat(job["message"])))
     if job.get("processed_records") is not None:
         grid.add_row("records", str(job["processed_records"]))
     results = results_of(job)
@@ -138,7 +144,7 @@ def job_view(job: dict[str, Any]) -> RenderableType:
                 lines = text.splitlines()
                 cut = f" (last {TAIL_LINES} of {len(lines)} lines)" if len(lines) > TAIL_LINES else ""
                 parts.append(Text(f"{key}{cut}:", style="bold"))
-                parts.append(Text("\n".join("  " + line for line in lines[-TAIL_LINES:])))
+                parts.append(_text("\n".join("  " + line for line in lines[-TAIL_LINES:])))
     return Group(*parts)
 
 
@@ -156,14 +162,14 @@ def services_table(services: list[dict[str, Any]]) -> RenderableType:
         gpu = ("yes, " + size(service["gpu_memory"]) if service.get("gpu_memory") else "yes") \
             if service.get("uses_gpu") else "no"
         limit = service.get("max_concurrent")
-        table.add_row(Text(str(service["name"])), Text(str(service.get("image"))),
-                      Text(", ".join(service.get("endpoints") or []) or "-"), gpu,
+        table.add_row(_text(service["name"]), _text(service.get("image")),
+                      _text(", ".join(service.get("endpoints") or []) or "-"), gpu,
                       "-" if limit is None else str(limit), str(service.get("running", 0)),
                       str(service.get("waiting", 0)), str(len(service.get("recent_failures") or [])))
         for failure in service.get("recent_failures") or []:
             why = " — ".join(_flat(x) for x in (failure.get("failure"), failure.get("message")) if x)
-            failures.add_row(Text(str(service["name"])), f"job {failure.get('id')}", when(failure.get("completed_at")),
-                             Text(_flat(why, 120)))
+            failures.add_row(_text(service["name"]), f"job {failure.get('id')}", when(failure.get("completed_at")),
+                             _text(_flat(why, 120)))
     if not failures.row_count:
         return table
     return Group(table, Text("\nrecent failures:", style="bold"), failures)
@@ -172,7 +178,7 @@ def services_table(services: list[dict[str, Any]]) -> RenderableType:
 def gpus_view(answer: dict[str, Any]) -> RenderableType:
     cards = answer.get("cards") or []
     state = "enabled" if answer.get("enabled") else "not enabled"
-    head = Text(f"GPUs: {state}" + (f", from {answer['source']}" if answer.get("source") else "")
+    head = _text(f"GPUs: {state}" + (f", from {answer['source']}" if answer.get("source") else "")
                 + f"; {len(cards)} card{'s' if len(cards) != 1 else ''}")
     parts: list[RenderableType] = [head]
     if answer.get("problem"):
@@ -186,7 +192,7 @@ def gpus_view(answer: dict[str, Any]) -> RenderableType:
             jobs = ", ".join(f"{job.get('id')} {job.get('service') or '?'}"
                              + (f" ({size(job['gpu_memory'])})" if job.get("gpu_memory") else "")
                              for job in card.get("jobs") or [])
-            table.add_row(Text(str(card.get("id"))), Text(str(card.get("name"))), size(card.get("total")),
-                          size(card.get("used")), size(card.get("reserved")), Text(jobs or "-"))
+            table.add_row(_text(card.get("id")), _text(card.get("name")), size(card.get("total")),
+                          size(card.get("used")), size(card.get("reserved")), _text(jobs or "-"))
         parts.append(table)
     return Group(*parts)

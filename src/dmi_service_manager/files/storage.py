@@ -372,13 +372,13 @@ class Collection:
 def _measure(name: str, path: Path) -> Collection:
     newest, files, size = path.lstat().st_mtime, 0, 0
     for folder, dirs, names in os.walk(path):
-        for entry in dirs + names:
+        for entry, is_file in [*((d, False) for d in dirs), *((n, True) for n in names)]:
             try:
                 info = os.lstat(os.path.join(folder, entry))
             except OSError:
                 continue
             newest = max(newest, info.st_mtime)
-            if entry in names:
+            if is_file:
                 files += 1
                 size += info.st_size
     return Collection(name=name, files=files, bytes=size, newest=newest)

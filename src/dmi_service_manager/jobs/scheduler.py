@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..runtime.base import (
     LABEL_JOB,
     LABEL_STEP,
     Backend,
+    CapturedLog,
     ContainerState,
     EventStream,
     StartFailed,
@@ -341,8 +342,14 @@ class Scheduler:
         # engine cost one. Nearly every container asked about here has ended; a read for one that has not
         # is simply dropped.
         limit = self.config.log_max_bytes
-        stdout, stderr = (self._readers.submit(self.backend.logs, container_id, stream, limit)
-                          for stream in ("stdout", "stderr"))
+
+        def read() -> tuple[Future[CapturedLog], Future[CapturedLog]]:
+            out, err = (self._readers.submit(self.backend.logs, container_id, stream, limit)
+                        for stream in ("stdout", "stderr"))
+            return out, err
+
+        asked = time.time()
+        stdout, stderr = read()
         state = self.backend.inspect(container_id)
         if state is None:
             self._fail(job, "The job's container disappeared (removed outside this server) before its end was"
@@ -353,6 +360,10 @@ class Scheduler:
         if int(state.labels.get(LABEL_STEP, job.step)) != job.step:
             self.backend.remove(container_id)  # a step already recorded; a crash kept its container
             return
+        if state.finished_at is None or asked <= state.finished_at:
+            # Its output was asked for before it ended (an `oom` event comes before the exit; the engine's
+            # `die` comes once all output is in): what came back may be short. Read again, now that it is over.
+            stdout, stderr = read()
         exit = StepExit(state=state, stdout=stdout.result(), stderr=stderr.result(),
                         engine_outage=self.backend.engine if outage or self._in_outage(state.finished_at) else None)
         result = self.workloads[job.kind].step_ended(job, exit)
@@ -552,7 +563,10 @@ class Scheduler:
         self._wake.set()
 
     def _submit(self, task: Any, job: Job, *args: Any) -> None:
+        """One task per job at a time: the die event's thread may have taken the job since it was looked at."""
         with self._lock:
+            if job.id in self._flags.busy:
+                return
             self._flags.busy.add(job.id)
         self._pool.submit(task, job, *args)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from .model import Failure, Job, JobStatus, Kind, error_results, sources_of
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DATASET_KEY_PATH = ("request_json", "4CAT_dataset_key")
 
 # Column name -> SQL type, beyond the original's (id, created_at, jobtype, completed_at, status,
@@ -186,6 +186,8 @@ class Store:
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         db.execute("CREATE INDEX IF NOT EXISTS jobs_dataset_key ON jobs (dataset_key)")
         db.execute(f"CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status, id) WHERE {_ACTIVE}")
+        # schema 5: listings by status (the dashboard's, `dsm jobs --status`) of any status
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, id)")
         db.execute("CREATE INDEX IF NOT EXISTS jobs_callbacks ON jobs (id) WHERE callback_url IS NOT NULL")
         db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_task_id ON jobs (task_id) WHERE task_id IS NOT NULL")
         db.execute("CREATE INDEX IF NOT EXISTS jobs_tasks ON jobs (id) WHERE kind = 'tes'")

@@ -15,8 +15,9 @@ from ..runtime.base import CapturedLog, ContainerSpec, ContainerState
 from .model import Failure, Job, JobStatus
 
 # What CUDA, PyTorch and cuBLAS write when a card's memory runs out; 4CAT's processors look for the first.
-_GPU_OOM = re.compile(r"CUDA error: out of memory|CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"
-                      r"|cudaErrorMemoryAllocation")
+# (Not a bare "OutOfMemoryError": Java's is the host's memory.)
+_GPU_OOM = re.compile(r"CUDA error: out of memory|CUDA out of memory|torch(\.cuda)?\.OutOfMemoryError"
+                      r"|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation")
 
 
 def exit_failure(state: ContainerState, stderr: CapturedLog) -> Failure:

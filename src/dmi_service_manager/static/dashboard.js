@@ -11,6 +11,7 @@
 
 (() => {
   const POLL_MS = 2000;
+  const COLLECTIONS_MS = 30000;
   const PAGE = 100;             // waiting and running jobs read per status and poll (the listing is paged)
   const FINISHED_STEP = 20;     // finished jobs shown at first, and added by "Show older jobs"
   const FINISHED_MAX = 500;
@@ -299,6 +300,7 @@
     { id: "services-section", load: async () => (await getJSON("api/services")).services, render: renderServices },
     {
       id: "collections-section",
+      every: COLLECTIONS_MS,  // each read walks every stored file on the server: not every 2 s
       load: async () => (await getJSON("api/collections")).collections,
       render: renderCollections,
     },
@@ -342,8 +344,9 @@
           cell("Progress", el("span", { class: "msg", text: job.message || "" })),
           cell("Records", job.processed_records ?? ""),
           actions(
-            button(following ? "Following log" : "Follow log", () => showLog(job.id, true),
-              { "aria-label": `Follow the log of job ${job.id}`, disabled: Boolean(following) }),
+            ...(job.kind === "tes" ? [] : [button(following ? "Following log" : "Follow log",
+              () => showLog(job.id, true),
+              { "aria-label": `Follow the log of job ${job.id}`, disabled: Boolean(following) })]),
             ...cancelButtons(job))),
       };
     }));
@@ -367,7 +370,8 @@
           cell("Ended", when(job.completed_at)),
           cell("Exit code", code === null || code === undefined ? "—" : String(code)),
           cell("Error", ...note.map((text) => el("span", { class: "msg block", text }))),
-          actions(button("Log", () => showLog(job.id, false), { "aria-label": `Show the log of job ${job.id}` }))),
+          actions(...(job.kind === "tes" ? []
+            : [button("Log", () => showLog(job.id, false), { "aria-label": `Show the log of job ${job.id}` })]))),
       };
     }));
   }
@@ -496,7 +500,9 @@
     if (redraw) render();
   }
 
+  // A TES task is cancelled and read through the TES API, with its client's token, not here.
   function cancelButtons(job) {
+    if (job.kind === "tes") return [];
     return confirmButtons("job:" + job.id, "Cancel", "Cancel now", `job ${job.id}`, () => cancelJob(job.id));
   }
 
@@ -515,6 +521,7 @@
     try {
       await request("api/files/" + encodeURIComponent(name), { method: "DELETE" });
       state.files.delete(name);
+      sections.find((s) => s.id === "collections-section").loadedAt = 0;  // show it gone at the next poll
       notice(`Collection ${name} deleted.`, false);
     } catch (error) {
       notice(`Could not delete collection ${name}: ${error.message}`, true);
@@ -630,6 +637,18 @@
     }
   }
 
+  // A section with `every` is read at most that often; between reads it shows what it last read.
+  function load(section) {
+    const now = Date.now();
+    if (section.every && section.id in state.data && now - (section.loadedAt || 0) < section.every) {
+      return Promise.resolve(state.data[section.id]);
+    }
+    return section.load().then((value) => {
+      section.loadedAt = now;
+      return value;
+    });
+  }
+
   async function poll() {
     clearTimeout(state.timer);
     if (state.polling) {
@@ -642,7 +661,7 @@
     try {
       const [health, ...results] = await Promise.allSettled([
         getJSON("api/health", { answers: [503] }),  // an unhealthy server says what is wrong, with a 503
-        ...sections.map((s) => s.load()),
+        ...sections.map(load),
       ]);
       if (health.status === "fulfilled") renderHealth(health.value);
       else {
