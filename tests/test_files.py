@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 from werkzeug.utils import secure_filename
 
 from fourcat import FourCat
@@ -249,6 +250,8 @@ def test_downloads_stream_with_length_etag_and_ranges(server: Server, tmp_path: 
     assert whole.headers["Accept-Ranges"] == "bytes" and whole.headers["Last-Modified"]
     etag = whole.headers["ETag"]
     assert server.get("/api/uploads/dl/results/out.json").content == data  # the README's alias
+    head = requests.head(f"{server.url}/api/download/dl/results/out.json", timeout=30)
+    assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data)) and head.content == b""
 
     part = server.get("/api/download/dl/results/out.json", headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == data[100:200]

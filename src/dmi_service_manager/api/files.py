@@ -84,10 +84,10 @@ def router(files: FileService) -> APIRouter:
 
     # -- downloading
 
-    @api.get("/api/download/{path:path}", response_class=StreamingResponse,
-             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"},
-                        304: {"description": "not modified"}, **schemas.errors(400, 404, 416)})
-    @api.get("/api/uploads/{path:path}", include_in_schema=False)
+    @api.api_route("/api/download/{path:path}", methods=["GET", "HEAD"], response_class=StreamingResponse,
+                   responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"},
+                              304: {"description": "not modified"}, **schemas.errors(400, 404, 416)})
+    @api.api_route("/api/uploads/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def download(request: Request, path: str) -> Response:
         opened, name = await run_in_threadpool(files.open, path)
         try:
