@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .pids import alive
+
 _MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 _SUPERVISOR = "DSM_SUPERVISOR_PID"  # set by `dsm serve` for its workers (see app.py)
 
@@ -37,7 +39,7 @@ def _shared_folder() -> str:
     prefix = f"dsm-metrics-{os.getuid()}-"
     for old in base.glob(prefix + "*"):
         pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != owner and not _alive(int(pid)) and _private(old):
+        if pid.isdigit() and int(pid) != owner and not alive(int(pid)) and _private(old):
             shutil.rmtree(old, ignore_errors=True)
     folder = base / f"{prefix}{owner}"
     with contextlib.suppress(FileExistsError):
@@ -57,13 +59,6 @@ def _private(folder: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077 == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound
+from ..pids import alive
 
 STAGING_DIR = ".dsm-staging"
 MAX_COMPONENT_BYTES = 255
@@ -233,7 +234,7 @@ class Storage:
             return 0
         for entry in self.staging.iterdir():
             pid = int(entry.name) if entry.name.isdigit() else None
-            if pid is not None and (pid == os.getpid() or _alive(pid)):
+            if pid is not None and (pid == os.getpid() or alive(pid)):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -384,11 +385,4 @@ def _measure(name: str, path: Path) -> Collection:
     return Collection(name=name, files=files, bytes=size, newest=newest)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
