@@ -35,27 +35,27 @@ def _check(response: requests.Response, what: str) -> dict[str, object]:
     return body
 
 
-def _run_remote_job(api: str, service: str, results: str, samples: dict[str, bytes],
+def _run_remote_job(http: requests.Session, api: str, service: str, results: str, samples: dict[str, bytes],
                     args_for: Callable[[str, list[str]], list[str]]) -> tuple[dict[str, Any], str, list[str]]:
     """Upload `samples`, run `<service>_remote` with `args_for(results folder, input paths)`: the final job,
     the collection and the names of the result files."""
     collection = f"demo-{uuid.uuid4().hex[:8]}"
     print(f"demo: uploading {len(samples)} samples for {service} to collection {collection}", file=sys.stderr)
     for name, data in sorted(samples.items()):
-        _check(requests.post(api + "send_files", data={"folder_name": collection},
+        _check(http.post(api + "send_files", data={"folder_name": collection},
                              files=[("4cat_uploads", (name, data))], timeout=120), f"uploading {name}")
     placeholder = f"4CAT_{results}_blank.txt"
-    _check(requests.post(api + "send_files", data={"folder_name": collection},
+    _check(http.post(api + "send_files", data={"folder_name": collection},
                          files=[(results, (placeholder, b""))], timeout=120), "creating the results folder")
     inputs = [f"data/{collection}/4cat_uploads/{name}" for name in sorted(samples)]
     args = args_for(f"data/{collection}/{results}", inputs)
-    submitted = _check(requests.post(api + f"{service}_remote", json={"args": args, "timeout": 600}, timeout=30),
+    submitted = _check(http.post(api + f"{service}_remote", json={"args": args, "timeout": 600}, timeout=30),
                        f"submitting the {service} job")
     result_url = str(submitted["result_url"])
     print(f"demo: job {submitted['key']} submitted; polling {result_url}", file=sys.stderr)
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
-        job = _check(requests.get(result_url, timeout=30), "polling")["job"]
+        job = _check(http.get(result_url, timeout=30), "polling")["job"]
         assert isinstance(job, dict)
         if job["status"] in ("complete", "error"):
             break
@@ -65,14 +65,14 @@ def _run_remote_job(api: str, service: str, results: str, samples: dict[str, byt
     job_results = json.loads(job["results"])
     if job["status"] != "complete":
         raise SystemExit(f"demo: the {service} job failed: {job_results.get('error')}")
-    listing = _check(requests.get(f"{api}list_filenames/{collection}/{results}", timeout=30), "listing results")
+    listing = _check(http.get(f"{api}list_filenames/{collection}/{results}", timeout=30), "listing results")
     names = listing.get(".", [])
     assert isinstance(names, list)
     return job, collection, sorted(names)
 
 
-def _download(api: str, folder: str, name: str, download_to: Path) -> dict[str, Any]:
-    response = requests.get(f"{api}download/{folder}/{name}", timeout=30)
+def _download(http: requests.Session, api: str, folder: str, name: str, download_to: Path) -> dict[str, Any]:
+    response = http.get(f"{api}download/{folder}/{name}", timeout=30)
     _check(response, f"downloading {name}")
     download_to.mkdir(parents=True, exist_ok=True)
     (download_to / os.path.basename(name)).write_bytes(response.content)
@@ -80,27 +80,31 @@ def _download(api: str, folder: str, name: str, download_to: Path) -> dict[str, 
     return result
 
 
-def run_demo(server: str, download_to: Path) -> int:
+def run_demo(server: str, download_to: Path, token: str | None = None) -> int:
+    """`token`: sent as a bearer token, for a server with REQUIRE_TOKEN (a `submit` token will do)."""
     api = server.rstrip("/") + "/api/"
+    http = requests.Session()
+    if token:
+        http.headers["Authorization"] = f"Bearer {token}"
     samples = {Path(name).name: data for name, data in image_file(SAMPLES_IMAGE, "/app/samples").items()
                if name.endswith(".png")}
     if not samples:
         raise SystemExit(f"demo: the image {SAMPLES_IMAGE} holds no samples; rebuild it: dsm build-service ocr")
     results = "ocr-results"
-    job, collection, names = _run_remote_job(api, "ocr", results, samples, lambda out, paths: [
+    job, collection, names = _run_remote_job(http, api, "ocr", results, samples, lambda out, paths: [
         "--model", "paddle_ocr", "--output_dir", out, "--images", *paths])
     print(f"\nOCR job {job['id']} complete: {len(names)} result files, saved in {download_to}/\n")
     for name in names:
-        result = _download(api, f"{collection}/{results}", name, download_to)
+        result = _download(http, api, f"{collection}/{results}", name, download_to)
         text = result.get("simplified_text", {}).get("raw_text") if result.get("success") else result.get("error")
         print(f"--- {result['filename']} ({result['model_type']})\n{text}\n")
-    _speech_demo(api, download_to.with_name(download_to.name + "-whisper"))
+    _speech_demo(http, api, download_to.with_name(download_to.name + "-whisper"))
     return 0
 
 
-def _speech_demo(api: str, download_to: Path) -> None:
+def _speech_demo(http: requests.Session, api: str, download_to: Path) -> None:
     """The spoken samples through whisper_remote, as 4CAT's "Audio to text" sends them (model small)."""
-    endpoints = _check(requests.get(api, timeout=30), "listing the endpoints").get("endpoints")
+    endpoints = _check(http.get(api, timeout=30), "listing the endpoints").get("endpoints")
     names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in endpoints] if isinstance(endpoints, list) else []
     if "whisper_remote" not in names:
         print("demo: the server has no whisper_remote endpoint; skipping speech to text", file=sys.stderr)
@@ -113,11 +117,11 @@ def _speech_demo(api: str, download_to: Path) -> None:
         return
     clips = {name: data for name, data in files.items() if not name.endswith(".txt")}
     results = "whisper-results"
-    job, collection, names = _run_remote_job(api, "whisper", results, clips, lambda out, paths: [
+    job, collection, names = _run_remote_job(http, api, "whisper", results, clips, lambda out, paths: [
         "--output_dir", out, "--verbose", "False", "--output_format", "json", "--model", "small", *paths])
     print(f"Whisper job {job['id']} complete: {len(names)} result files, saved in {download_to}/\n")
     for name in names:
-        result = _download(api, f"{collection}/{results}", name, download_to)
+        result = _download(http, api, f"{collection}/{results}", name, download_to)
         said = files.get(f"{Path(name).stem}.txt", b"").decode().strip().replace("\n", " ")
         model = result.get("model", {})
         heard = " ".join(str(result.get("text", "")).split()) or "; ".join(result.get("errors", []))

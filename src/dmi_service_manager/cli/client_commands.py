@@ -293,15 +293,14 @@ def download(collection: str, path: str | None, out: Path | None, server: str, t
 
 
 @click.command(short_help="Run the OCR demo against a running server.")
-@click.option("--server", envvar="DSM_SERVER", default=DEFAULT_SERVER, show_default=True, show_envvar=True,
-              help="the server's URL")
+@server_options
 @click.option("--out", default="dsm-data/demo-results", show_default=True,
               help="where to save the downloaded results")
-def demo(server: str, out: str) -> int:
+def demo(server: str, token: str | None, out: str) -> int:
     """Run the OCR demo (and speech to text, when offered) against a running server and print the text."""
     from ..demo import run_demo
 
-    return run_demo(server, Path(out))
+    return run_demo(server, Path(out), token)
 
 
 COMMANDS = (upload, download, jobs, job, logs, cancel, services, gpus, submit, demo)
