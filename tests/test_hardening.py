@@ -216,6 +216,30 @@ def test_jobs_the_original_wrote_after_a_downgrade_are_found_and_ended(make_serv
     assert "written by the original" not in server.log().split("Started server process")[-1]
 
 
+def test_followers_that_leave_a_silent_container_give_their_place_back(server: Server) -> None:
+    """A follow waits in a thread for the container's next line; the followers share FOLLOWERS places. Clients
+    that leave while the container says nothing must not keep them, or nobody could follow any log again."""
+    from dmi_service_manager.api.jobs import FOLLOWERS
+
+    silent = server.submit("fake_local", ["--sleep", "60"])["key"]
+    server.wait_status(silent, "running")
+    for _ in range(FOLLOWERS + 2):  # more than there are places: each must have been given back
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(f"GET /api/jobs/{silent}/logs?follow=1&tail=0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # following, and nothing to read yet
+        sock.close()
+    talking = server.submit("fake_local", ["--stdout", "still followed", "--sleep", "30"])["key"]
+    server.wait_status(talking, "running")
+    got = b""
+    with requests.get(f"{server.url}/api/jobs/{talking}/logs", params={"follow": "1"}, stream=True,
+                      timeout=20) as response:
+        for chunk in response.iter_content(chunk_size=None):
+            got += chunk
+            if b"still followed" in got:
+                break
+    assert b"still followed" in got
+
+
 def test_a_log_stream_cut_by_the_engine_ends_with_a_line_saying_why(server: Server,
                                                                     docker_client: docker.DockerClient) -> None:
     key = server.submit("fake_local", ["--stdout", "first line", "--sleep", "30"])["key"]

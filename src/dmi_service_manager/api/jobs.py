@@ -83,11 +83,22 @@ def router(jobs: JobService) -> APIRouter:
         lines = found.live
 
         async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks():
+                    yield chunk
+            finally:
+                # The client went away (the response is cancelled) or the stream ended: closing it ends a read
+                # still waiting in its thread on a silent container, which would otherwise hold that thread
+                # (and one of the followers' places) for as long as the container runs.
+                lines.close()
+
+        async def chunks() -> AsyncIterator[bytes]:
             while True:
                 # A thread blocks on the engine for each read; a limiter of their own keeps followers from
-                # taking the threads that submits and cancels need.
+                # taking the threads that submits and cancels need. A cancelled response does not wait for it.
                 try:
-                    chunk = await anyio.to_thread.run_sync(next, lines, None, limiter=_followers())
+                    chunk = await anyio.to_thread.run_sync(next, lines, None, limiter=_followers(),
+                                                           abandon_on_cancel=True)
                 except Exception as exc:  # the engine removed the container, or went away, mid-stream
                     why = getattr(exc, "message", None) or str(exc) or type(exc).__name__
                     yield f"\n[dsm] the container's log stream ended early: {why}\n".encode()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from ..config import GPU_DISABLED_REASON, Config
 from ..errors import BadRequest, GpuUnavailable, NotFound
 from ..gpu.nvml import GpuInventory
-from ..runtime.base import Backend
+from ..runtime.base import Backend, LogStream
 from . import placement
 from .model import Failure, Job, Kind, StopReason
 from .store import JobFilter, NewJob, Store
@@ -83,7 +83,7 @@ class JobLogs:
 
     job: Job
     stored: str | None
-    live: Iterator[bytes] | None = None
+    live: LogStream | None = None
 
 
 class JobService:
@@ -254,7 +254,7 @@ class JobService:
         job = self.get(job_id)
         if job.status.final or job.container_id is None:
             return JobLogs(job=job, stored=_stored_output(job.results_dict(), tail))
-        return JobLogs(job=job, stored=None, live=iter(self.backend.follow_logs(job.container_id, tail, follow)))
+        return JobLogs(job=job, stored=None, live=self.backend.follow_logs(job.container_id, tail, follow))
 
     def gpu_check(self, service: str) -> GpuCheck:
         """Whether a job of `service` can get a GPU: 4CAT's check, with real figures and what is queued."""

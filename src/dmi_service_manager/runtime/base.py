@@ -82,6 +82,17 @@ class ContainerSpec:
     workdir: str | None = None
 
 
+class LogStream(Protocol):
+    """Output chunks as a run writes them. A reader whose client has gone closes it from another thread,
+    which ends a read that waits on a silent run (else the reading thread would wait as long as the run)."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __next__(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ContainerState:
     id: str
@@ -151,7 +162,8 @@ class Backend(Protocol):
 
     def logs(self, run_id: str, stream: str, limit: int) -> CapturedLog: ...
 
-    def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> Iterator[bytes]: ...
+    def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> LogStream:
+        """The run's output as it comes; `close()` from another thread ends a read that waits for more."""
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
         """This server's runs, ended ones too: what a restart adopts."""

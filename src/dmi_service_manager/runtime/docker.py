@@ -97,6 +97,26 @@ class DockerEventStream:
             self._stream.close()
 
 
+class DockerLogStream:
+    """The SDK's log stream; its close() shuts the connection, which ends a read waiting in another thread."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._chunks: Iterator[bytes] = iter(stream) if stream is not None else iter(())
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with _engine():
+            return bytes(next(self._chunks))
+
+    def close(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):  # already closed, or the engine already hung up
+                self._stream.close()
+
+
 class DockerBackend:
     name = "docker"
     engine = "Docker daemon"
@@ -262,14 +282,14 @@ class DockerBackend:
             del kept[: len(kept) - limit]
         return CapturedLog(text=kept.decode("utf-8", errors="replace"), truncated=truncated, total_bytes=total)
 
-    def follow_logs(self, container_id: str, tail: int | None, follow: bool) -> Iterator[bytes]:
+    def follow_logs(self, container_id: str, tail: int | None, follow: bool) -> DockerLogStream:
         with _engine():
             try:
                 stream = self.api.logs(container_id, stdout=True, stderr=True, stream=True, follow=follow,
                                        tail=tail if tail is not None else "all")
             except docker.errors.NotFound:
-                return
-            yield from stream
+                return DockerLogStream(None)
+        return DockerLogStream(stream)
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
         with _engine():

@@ -62,6 +62,23 @@ def _labels(name: str) -> dict[str, str]:
     return labels
 
 
+class SpoolLogStream:
+    """A run's output files as they grow; close() (from any thread) ends the wait for more at once."""
+
+    def __init__(self, chunks: Iterator[bytes], stop: threading.Event) -> None:
+        self._chunks = chunks
+        self._stop = stop
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class SlurmBackend:
     name = "slurm"
     engine = "Slurm cluster"
@@ -291,7 +308,10 @@ finish "$code"
             return CapturedLog(text="", truncated=False, total_bytes=0)
         return CapturedLog(text=data.decode("utf-8", "replace"), truncated=size > limit, total_bytes=size)
 
-    def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> Iterator[bytes]:
+    def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> SpoolLogStream:
+        return SpoolLogStream(self._chunks(run_id, tail, follow, stop := threading.Event()), stop)
+
+    def _chunks(self, run_id: str, tail: int | None, follow: bool, stop: threading.Event) -> Iterator[bytes]:
         """Both streams' files as they grow (lines of the two may interleave coarsely)."""
         folder = self._folder(run_id)
         offsets = {"stdout": 0, "stderr": 0}
@@ -309,9 +329,8 @@ finish "$code"
                     if data:
                         offsets[stream] += len(data)
                         yield data
-            if not follow or done or not folder.is_dir():
+            if not follow or done or not folder.is_dir() or stop.wait(0.5):
                 return
-            time.sleep(0.5)
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
         prefix = f"dsm-{labels.get(LABEL_INSTANCE, '')}-"
