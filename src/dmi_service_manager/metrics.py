@@ -87,7 +87,8 @@ _requests = Histogram("dsm_http_request_duration_seconds", "HTTP requests by rou
                       ["route", "method", "status"], buckets=HTTP_BOUNDS, registry=None)
 _files = Counter("dsm_files", "Files received by uploads or sent by downloads", ["direction"], registry=None)
 _bytes = Counter("dsm_file_bytes", "Bytes received by uploads or sent by downloads", ["direction"], registry=None)
-_request_children: dict[tuple[str, str, int], Any] = {}
+_request_children: dict[tuple[str, str, int], Any] = {}  # label lookups cost more than the count
+_transfer_children: dict[str, tuple[Any, Any]] = {}
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
@@ -100,10 +101,13 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
 
 def transferred(direction: str, files: int, size: int) -> None:
     """Files and bytes an upload stored or a download sent (`direction`: upload or download)."""
+    counters = _transfer_children.get(direction)
+    if counters is None:
+        counters = _transfer_children[direction] = (_files.labels(direction), _bytes.labels(direction))
     if files:
-        _files.labels(direction).inc(files)
+        counters[0].inc(files)
     if size:
-        _bytes.labels(direction).inc(size)
+        counters[1].inc(size)
 
 
 class JobCollector(Collector):

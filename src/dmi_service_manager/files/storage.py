@@ -29,7 +29,8 @@ MAX_PATH_BYTES = 4096
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-_PROC_FD = Path("/proc/self/fd")
+_PROC_FD = "/proc/self/fd"
+_HAS_PROC_FD = os.path.isdir(_PROC_FD)  # where O_TMPFILE files can be linked into place
 
 Parts = tuple[str, ...]
 
@@ -132,7 +133,7 @@ class Storage:
         self.root = root
         self.fsync = fsync
         self.staging = root / STAGING_DIR
-        self._staging_made: Path | None = None
+        self._staging_made: tuple[int, Path] | None = None  # (pid, folder)
         self._line_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         self._line_lock = threading.Lock()
 
@@ -220,12 +221,14 @@ class Storage:
     # -- writing
 
     def _staging_folder(self) -> Path:
-        """This process's own staging folder: same file system, never inside a collection."""
-        path = self.staging / str(os.getpid())
-        if path != self._staging_made:
+        """This process's own staging folder: same file system, never inside a collection. Made once per
+        process (a worker forked from another gets its own)."""
+        pid = os.getpid()
+        if self._staging_made is None or self._staging_made[0] != pid:
+            path = self.staging / str(pid)
             path.mkdir(parents=True, exist_ok=True)
-            self._staging_made = path
-        return path
+            self._staging_made = (pid, path)
+        return self._staging_made[1]
 
     def sweep_staging(self) -> int:
         """Remove what processes that are gone left half-written; returns how many folders."""
@@ -247,7 +250,7 @@ class Storage:
         """A file to write an upload into. Where the file system allows, it has no name at all
         (O_TMPFILE) until it is linked into place, so a crash cannot leave it anywhere."""
         folder = self._staging_folder()
-        if _PROC_FD.is_dir():
+        if _HAS_PROC_FD:
             try:
                 return StagedFile(fd=os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664), path=None)
             except OSError as exc:
@@ -261,7 +264,7 @@ class Storage:
         with self._dir(folder, create=True) as dir_fd:
             if staged.path is None:
                 try:
-                    os.link(_PROC_FD / str(staged.fd), name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                    os.link(f"{_PROC_FD}/{staged.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
                     if self.fsync:
                         os.fsync(dir_fd)
                     return
@@ -269,7 +272,7 @@ class Storage:
                     staged.path = self._staging_folder() / uuid.uuid4().hex
                     staging_fd = os.open(staged.path.parent, _DIR_FLAGS)
                     try:  # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
-                        os.link(_PROC_FD / str(staged.fd), staged.path.name, dst_dir_fd=staging_fd,
+                        os.link(f"{_PROC_FD}/{staged.fd}", staged.path.name, dst_dir_fd=staging_fd,
                                 follow_symlinks=True)
                     finally:
                         os.close(staging_fd)
