@@ -40,6 +40,12 @@ def _address(text: str) -> IPAddress | None:
     return address
 
 
+def is_loopback(address: str) -> bool:
+    """Whether an address (as the access middleware records the caller's) is this host."""
+    parsed = _address(address)
+    return parsed is not None and parsed.is_loopback
+
+
 @dataclass(frozen=True)
 class Caller:
     address: str

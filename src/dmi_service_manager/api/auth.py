@@ -15,7 +15,7 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..access import LOOPBACK_PATHS
+from ..access import LOOPBACK_PATHS, is_loopback
 from ..errors import DsmError, Forbidden, Unauthorized
 from ..tokens import NEEDS_TOKEN, Principal, Tokens
 from .http import CALLER_KEY, json_response
@@ -52,17 +52,13 @@ class Gate:
             return False
         if not self.require_token or path in OPEN_PAGES or path.startswith(OPEN_PREFIXES):
             return True
-        return path in LOOPBACK_PATHS and _is_loopback(address)
+        return path in LOOPBACK_PATHS and is_loopback(address)
 
 
 def _route_path(scope: Scope) -> str:
     """The path the router matches: without the root path a proxy mounts the app under."""
     root, path = scope.get("root_path", ""), scope["path"]
     return str(path[len(root):] if root and path.startswith(root) else path)
-
-
-def _is_loopback(address: str) -> bool:
-    return address in ("127.0.0.1", "::1") or address.startswith("127.")
 
 
 def principal(scope: Scope) -> Principal | None:

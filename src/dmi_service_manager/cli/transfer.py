@@ -8,11 +8,11 @@ answer is `{"<folder relative to what was listed>": ["file", ...], ...}` with `"
 folder listed, empty ones too (an empty folder is made with 4CAT's placeholder part, which the server turns
 into the folder and does not keep).
 
-A file counts as already there when the listing has its name and the server's copy has its size: a one-byte
-ranged GET of `/api/download/...` answers `206` with `Content-Range: bytes 0-0/<size>` (or `416` with the
-size for an empty file). Uploads go in batches of several parts, each request's body generated from open
-files as it is sent, with its exact length declared, so memory stays flat at any size. Downloads are
-written to a temporary file beside the target and renamed into place once complete.
+A file counts as already there when the listing has its name and the server's copy has its size, which a
+`HEAD` of `/api/download/...` gives as its `Content-Length`. Uploads go in batches of several parts, each
+request's body generated from open files as it is sent, with its exact length declared, so memory stays
+flat at any size. Downloads are written to a temporary file beside the target and renamed into place once
+complete.
 
 The server's names are untrusted: a name that is empty, `.` or `..`, holds a slash, a backslash, NUL or a
 control character, or would pass through a symlink or a non-folder, is refused, so nothing is written
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,7 +48,6 @@ UPLOAD_READ_TIMEOUT = 600.0  # the server answers once it has stored the whole b
 DOWNLOAD_READ_TIMEOUT = 120.0
 MAX_NAME_BYTES = 255
 UPLOAD_FIELD = "4cat_uploads"
-_CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
 
 
 # -- names
@@ -97,22 +95,10 @@ def _url_path(parts: tuple[str, ...]) -> str:
 
 
 def remote_size(client: Client, parts: tuple[str, ...]) -> int | None:
-    """The size of a file on the server (None: it has none there), from a one-byte ranged GET."""
-    response = client.request("GET", f"/api/download/{_url_path(parts)}", headers={"Range": "bytes=0-0"},
-                              stream=True, accept=(404, 416))
-    try:
-        if response.status_code == 404:
-            return None
-        if response.status_code == 416:
-            body = response.json()
-            return int(body.get("size", 0)) if isinstance(body, dict) else 0
-        found = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-        if response.status_code == 206 and found:
-            return int(found.group(1))
-        length = response.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
-    finally:
-        response.close()
+    """The size of a file on the server (None: it has none there)."""
+    response = client.request("HEAD", f"/api/download/{_url_path(parts)}", accept=(404,))
+    length = response.headers.get("Content-Length", "")
+    return int(length) if response.status_code != 404 and length.isdigit() else None
 
 
 def listing(client: Client, parts: tuple[str, ...], *, missing_ok: bool) -> dict[str, list[str]]:

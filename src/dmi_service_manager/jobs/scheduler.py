@@ -344,9 +344,8 @@ class Scheduler:
         limit = self.config.log_max_bytes
 
         def read() -> tuple[Future[CapturedLog], Future[CapturedLog]]:
-            out, err = (self._readers.submit(self.backend.logs, container_id, stream, limit)
-                        for stream in ("stdout", "stderr"))
-            return out, err
+            return (self._readers.submit(self.backend.logs, container_id, "stdout", limit),
+                    self._readers.submit(self.backend.logs, container_id, "stderr", limit))
 
         asked = time.time()
         stdout, stderr = read()
