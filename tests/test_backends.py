@@ -256,3 +256,20 @@ def test_a_tes_task_runs_its_executors_through_slurm(make_server: Callable[..., 
                        in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR") and t, 180, 0.5, "the task to end")
     assert final["state"] == "COMPLETE", server.get(f"/ga4gh/tes/v1/tasks/{task_id}?view=FULL", headers=headers).text
     assert (tmp_path / "tes-data" / "count.txt").read_text().strip() == "3"
+
+
+def test_the_docker_backend_reuses_its_connections_to_the_engine() -> None:
+    """The SDK would open a connection for each container a call is about (its pools are keyed by the whole
+    URL), and keep 25 of them open: thousands of jobs made thousands of connections."""
+    from dmi_service_manager.runtime.docker import DockerBackend
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    backend = DockerBackend()
+    backend.ping()
+    before = sockets()
+    for number in range(40):
+        assert backend.inspect(f"dsm-test-no-such-container-{number}") is None
+    assert sockets() - before <= 1

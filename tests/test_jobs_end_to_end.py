@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from fourcat import FourCat, FourCatError
-from support import Server, containers_of, wait_until
+from support import BUSYBOX, Server, containers_of, wait_until
 
 
 def test_local_mode_runs_the_container_on_4cats_own_folder(server: Server, tmp_path: Path) -> None:
@@ -218,9 +218,27 @@ def test_output_is_kept_bounded_and_says_it_was_cut(make_server: Callable[..., S
     server = make_server(base_config(tmp_path, LOG_MAX_BYTES=4096))
     job = server.wait_final(server.submit("fake_local", ["--spam", "100000", "--exit", "1"])["key"])
     results = json.loads(job["results"])
-    assert results["error_truncated"] is True
+    assert results["error_truncated"] is True and results["report_truncated"] is False
     assert len(results["error"]) <= 4096 + 200
     assert "100000 bytes" in results["truncation_note"] or "stderr: 100000" in results["truncation_note"]
+
+
+def test_a_container_killed_for_memory_says_so(make_server: Callable[..., Server], tmp_path: Path) -> None:
+    """The kernel's OOM kill comes as an `oom` event before the `die`: the job must still name the cause."""
+    from support import base_config
+
+    config = base_config(tmp_path)
+    config["DOCKER_ENDPOINTS"]["hog"] = {"image_name": BUSYBOX, "local": True, "command": "sh -c",
+                                         "data_path": "/app/data", "mem_limit": "16m"}
+    server = make_server(config)
+    job = server.wait_final(server.submit("hog_local", ['echo before; x=$(head -c 200000000 /dev/zero | tr "\\0" a)'])
+                            ["key"])
+    results = json.loads(job["results"])
+    assert job["status"] == "error" and results["exit_code"] == 137
+    assert "more memory than it may (mem_limit)" in results["error"]
+    assert results["report"] == "before\n"
+    hog = next(s for s in server.get("/api/services").json()["services"] if s["name"] == "hog")
+    assert hog["recent_failures"][0]["failure"] == "oom"
 
 
 def test_a_database_written_by_the_original_is_migrated_in_place(make_server: Callable[..., Server],

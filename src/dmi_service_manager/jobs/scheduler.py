@@ -52,7 +52,8 @@ class _Flags:
     """What the scheduler knows beyond the database; all of it may be lost on a restart."""
 
     busy: set[int] = field(default_factory=set)  # jobs with a start, stop or finish in flight
-    exited: dict[int, str] = field(default_factory=dict)  # job -> run that the engine says ended
+    # job -> (run that the engine says ended, its end as the engine's event told it, if it did)
+    exited: dict[int, tuple[str, ContainerState | None]] = field(default_factory=dict)
     passes: dict[int, int] = field(default_factory=dict)
     engine_lost_at: float | None = None
     outage_windows: list[tuple[float, float]] = field(default_factory=list)
@@ -315,12 +316,12 @@ class Scheduler:
             for job_id in ready:
                 del self._flags.exited[job_id]
                 self._flags.busy.add(job_id)
-        for job_id, container_id in ready.items():
-            self._pool.submit(self._finish_task, job_id, container_id)
+        for job_id, (container_id, ended) in ready.items():
+            self._pool.submit(self._finish_task, job_id, container_id, ended)
 
-    def _finish_task(self, job_id: int, container_id: str) -> None:
+    def _finish_task(self, job_id: int, container_id: str, ended: ContainerState | None) -> None:
         try:
-            self._finish(job_id, container_id)
+            self._finish(job_id, container_id, ended=ended)
         except RuntimeUnavailable as exc:
             self._engine_lost(str(exc))
         except Exception:
@@ -330,7 +331,9 @@ class Scheduler:
         finally:
             self._release(job_id)
 
-    def _finish(self, job_id: int, container_id: str, *, outage: bool = False) -> None:
+    def _finish(self, job_id: int, container_id: str, *, ended: ContainerState | None = None,
+                outage: bool = False) -> None:
+        """Record the end of a job's run. `ended`: the end as the engine's event told it; else inspected."""
         job = self.store.get(job_id)
         if job is None or job.status.final:
             self.backend.remove(container_id)
@@ -338,18 +341,17 @@ class Scheduler:
         if job.container_id != container_id:  # an earlier step's container, already recorded
             self._quietly(self.backend.remove, container_id)
             return
-        # The container's state and both of its streams are asked for at once: three round trips to the
-        # engine cost one. Nearly every container asked about here has ended; a read for one that has not
-        # is simply dropped.
+        # The container's output is read while its state is asked for (if the event did not tell it): two
+        # round trips to the engine cost one. Nearly every container asked about here has ended; a read for
+        # one that has not is dropped.
         limit = self.config.log_max_bytes
 
-        def read() -> tuple[Future[CapturedLog], Future[CapturedLog]]:
-            return (self._readers.submit(self.backend.logs, container_id, "stdout", limit),
-                    self._readers.submit(self.backend.logs, container_id, "stderr", limit))
+        def read() -> Future[tuple[CapturedLog, CapturedLog]]:
+            return self._readers.submit(self.backend.outputs, container_id, limit)
 
         asked = time.time()
-        stdout, stderr = read()
-        state = self.backend.inspect(container_id)
+        outputs = read()
+        state = ended or self.backend.inspect(container_id)
         if state is None:
             self._fail(job, "The job's container disappeared (removed outside this server) before its end was"
                        " recorded.", Failure.ENGINE)
@@ -362,8 +364,9 @@ class Scheduler:
         if state.finished_at is None or asked <= state.finished_at:
             # Its output was asked for before it ended (an `oom` event comes before the exit; the engine's
             # `die` comes once all output is in): what came back may be short. Read again, now that it is over.
-            stdout, stderr = read()
-        exit = StepExit(state=state, stdout=stdout.result(), stderr=stderr.result(),
+            outputs = read()
+        stdout, stderr = outputs.result()
+        exit = StepExit(state=state, stdout=stdout, stderr=stderr,
                         engine_outage=self.backend.engine if outage or self._in_outage(state.finished_at) else None)
         result = self.workloads[job.kind].step_ended(job, exit)
         if isinstance(result, NextStep):
@@ -468,7 +471,7 @@ class Scheduler:
                     job_id = event.labels.get(LABEL_JOB, "")
                     if job_id.isdigit():
                         with self._lock:
-                            self._flags.exited[int(job_id)] = event.container_id
+                            self._flags.exited[int(job_id)] = (event.container_id, event.ended)
                         # Straight to a pool thread, not through the next tick: the tick may be busy
                         # admitting, and 4CAT's next poll should already see the end.
                         if self.engine_reachable:
@@ -551,7 +554,7 @@ class Scheduler:
                 self._submit(self._launch_task, job)
             elif found.ended:
                 with self._lock:
-                    self._flags.exited[job.id] = found.id
+                    self._flags.exited[job.id] = (found.id, found)
             elif job.started_at is None and found.started_at:
                 self.store.set_started(job.id, found.started_at)
         for job_id, states in containers.items():

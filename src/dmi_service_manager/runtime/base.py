@@ -124,6 +124,9 @@ class ContainerEvent:
     container_id: str
     action: str  # die | start | destroy | oom ...
     labels: dict[str, str]
+    # What the event itself says of a run that ended (Docker's `die` carries the exit code), so that
+    # finishing it needs no inspect: right after an exit the engine answers one slowly. None: ask.
+    ended: ContainerState | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ class Backend(Protocol):
     def remove(self, run_id: str) -> None:
         """Forget a run that ended (or stop and forget one that did not): nothing of it stays on the engine."""
 
-    def logs(self, run_id: str, stream: str, limit: int) -> CapturedLog: ...
+    def outputs(self, run_id: str, limit: int) -> tuple[CapturedLog, CapturedLog]:
+        """The last `limit` bytes of the run's stdout and of its stderr, read together."""
 
     def follow_logs(self, run_id: str, tail: int | None, follow: bool) -> LogStream:
         """The run's output as it comes; `close()` from another thread ends a read that waits for more."""

@@ -297,8 +297,11 @@ finish "$code"
             self._run("scancel", queued[0], check=False)
         shutil.rmtree(self._folder(run_id), ignore_errors=True)
 
-    def logs(self, run_id: str, stream: str, limit: int) -> CapturedLog:
-        path = self._folder(run_id) / ("stdout" if stream == "stdout" else "stderr")
+    def outputs(self, run_id: str, limit: int) -> tuple[CapturedLog, CapturedLog]:
+        return self._output(run_id, "stdout", limit), self._output(run_id, "stderr", limit)
+
+    def _output(self, run_id: str, stream: str, limit: int) -> CapturedLog:
+        path = self._folder(run_id) / stream
         try:
             with path.open("rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
@@ -370,7 +373,7 @@ class SlurmEventStream:
             for state in self.backend.labelled(self.labels):
                 if state.ended and state.id not in ended:
                     ended.add(state.id)
-                    yield ContainerEvent(container_id=state.id, action="die", labels=state.labels)
+                    yield ContainerEvent(container_id=state.id, action="die", labels=state.labels, ended=state)
             ended &= {p.name for p in self.backend.spool.iterdir()} if self.backend.spool.is_dir() else set()
 
     def close(self) -> None:
