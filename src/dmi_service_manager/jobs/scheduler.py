@@ -553,8 +553,8 @@ class Scheduler:
                 # second run, and never a second preparation under a run that may be going).
                 self._submit(self._launch_task, job)
             elif found.ended:
-                with self._lock:
-                    self._flags.exited[job.id] = (found.id, found)
+                with self._lock:  # inspected again when finished: a listing can be a moment old
+                    self._flags.exited[job.id] = (found.id, None)
             elif job.started_at is None and found.started_at:
                 self.store.set_started(job.id, found.started_at)
         for job_id, states in containers.items():

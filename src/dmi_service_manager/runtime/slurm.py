@@ -373,7 +373,7 @@ class SlurmEventStream:
             for state in self.backend.labelled(self.labels):
                 if state.ended and state.id not in ended:
                     ended.add(state.id)
-                    yield ContainerEvent(container_id=state.id, action="die", labels=state.labels, ended=state)
+                    yield ContainerEvent(container_id=state.id, action="die", labels=state.labels)
             ended &= {p.name for p in self.backend.spool.iterdir()} if self.backend.spool.is_dir() else set()
 
     def close(self) -> None:
