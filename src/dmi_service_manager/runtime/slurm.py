@@ -153,6 +153,8 @@ class SlurmBackend:
         queued = self._queue(fresh=True).get(spec.name)
         if queued is not None or self._read(spec.name, "exit_code") is not None:
             return Launched(spec.name, self._started(spec.name))  # submitted before a crash: never twice
+        with self._lock:  # until sbatch answers, its folder must read as waiting, not as a run Slurm forgot
+            self._submitted[spec.name] = math.inf
         folder.mkdir(parents=True, exist_ok=True)
         script = folder / "job.sh"
         script.write_text(self._script(spec))
@@ -175,8 +177,13 @@ class SlurmBackend:
             # Slurm counts minutes; ours stops the run on time too, so Slurm's limit is a little later.
             command.append(f"--time={math.ceil(spec.timeout / 60) + 1}")
         command += [*self.config.slurm_extra_args, str(script)]
-        job_id = self._run(*command).strip().split(";")[0]
-        (folder / "jobid").write_text(job_id + "\n")
+        try:
+            job_id = self._run(*command).strip().split(";")[0]
+            (folder / "jobid").write_text(job_id + "\n")
+        except BaseException:
+            with self._lock:
+                self._submitted.pop(spec.name, None)
+            raise
         with self._lock:
             self._submitted[spec.name] = time.monotonic()
             self._cached = None
