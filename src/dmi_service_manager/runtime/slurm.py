@@ -153,11 +153,7 @@ class SlurmBackend:
         queued = self._queue(fresh=True).get(spec.name)
         if queued is not None or self._read(spec.name, "exit_code") is not None:
             return Launched(spec.name, self._started(spec.name))  # submitted before a crash: never twice
-        with self._lock:  # until sbatch answers, its folder must read as waiting, not as a run Slurm forgot
-            self._submitted[spec.name] = math.inf
-        folder.mkdir(parents=True, exist_ok=True)
         script = folder / "job.sh"
-        script.write_text(self._script(spec))
         # Never requeued (a run must not happen twice), and none of this server's environment (its DOCKER_HOST,
         # CUDA_VISIBLE_DEVICES, ...) leaks into the job: the script says all the container gets.
         command = ["sbatch", "--parsable", f"--job-name={spec.name}", f"--chdir={folder}", "--output=/dev/null",
@@ -177,7 +173,11 @@ class SlurmBackend:
             # Slurm counts minutes; ours stops the run on time too, so Slurm's limit is a little later.
             command.append(f"--time={math.ceil(spec.timeout / 60) + 1}")
         command += [*self.config.slurm_extra_args, str(script)]
+        with self._lock:  # until sbatch answers, its folder must read as waiting, not as a run Slurm forgot
+            self._submitted[spec.name] = math.inf
         try:
+            folder.mkdir(parents=True, exist_ok=True)
+            script.write_text(self._script(spec))
             job_id = self._run(*command).strip().split(";")[0]
             (folder / "jobid").write_text(job_id + "\n")
         except BaseException:
