@@ -222,9 +222,7 @@ class Scheduler:
             return
         services = {n: s for n, s in self.config.docker_endpoints.items() if self.config.service_uses_gpu(n)}
         found = []
-        for state in self.backend.running_of_images(sorted({s.image_name for s in services.values()})):
-            if state.labels.get(LABEL_INSTANCE) == self.instance_id:
-                continue
+        for state in self.backend.running_of_images(sorted({s.image_name for s in services.values()}), self.labels):
             # By the name it was made from, else by image id; of several services, the largest estimate.
             matching = [n for n, s in services.items() if s.image_name == state.image] or \
                 [n for n, s in services.items() if self._image_id(s.image_name) == state.image_id]
@@ -343,7 +341,8 @@ class Scheduler:
             return
         # The container's output is read while its state is asked for (if the event did not tell it): two
         # round trips to the engine cost one. Nearly every container asked about here has ended; a read for
-        # one that has not is dropped.
+        # one that has not is dropped. (A read after the end waits for the engine's clean-up of the container;
+        # following the output from the start does not avoid that: the engine ends the stream no sooner.)
         limit = self.config.log_max_bytes
 
         def read() -> Future[tuple[CapturedLog, CapturedLog]]:
@@ -466,7 +465,7 @@ class Scheduler:
                 self._events = stream
                 self._engine_back()
                 for event in stream:
-                    if event.action not in ("die", "oom", "destroy"):
+                    if event.action not in ("die", "oom"):
                         continue
                     job_id = event.labels.get(LABEL_JOB, "")
                     if job_id.isdigit():
@@ -530,8 +529,15 @@ class Scheduler:
             with self._lock:
                 if job.id in self._flags.busy:
                     continue
+            # `holding` was read before the listing: a job whose start or step ended in between may show in
+            # the listing as it is now (the next step's container, or none between two) and not as it was
+            # read. Such a job waits for the next pass.
+            states = containers.pop(job.id, [])
+            now = self.store.get(job.id)
+            if now is None or _progress(now) != _progress(job):
+                continue
             found = None
-            for state in containers.pop(job.id, []):
+            for state in states:
                 if int(state.labels.get(LABEL_STEP, job.step)) == job.step:
                     found = state
                 else:  # a step already recorded, whose removal a crash interrupted
@@ -555,8 +561,10 @@ class Scheduler:
             elif found.ended:
                 with self._lock:  # inspected again when finished: a listing can be a moment old
                     self._flags.exited[job.id] = (found.id, None)
-            elif job.started_at is None and found.started_at:
-                self.store.set_started(job.id, found.started_at)
+            elif job.started_at is None and found.status == "running":  # a crash came between its start and this
+                started_at = found.started_at or getattr(self.backend.inspect(found.id), "started_at", None)
+                if started_at:
+                    self.store.set_started(job.id, started_at)
         for job_id, states in containers.items():
             owner = self.store.get(job_id)
             if owner is None or owner.status.final:
@@ -595,3 +603,8 @@ class Scheduler:
             action(*args)
         except Exception as exc:
             log.warning("%s%s failed: %s", getattr(action, "__name__", action), args, exc)
+
+
+def _progress(job: Job) -> tuple[Any, ...]:
+    """What a job's start and steps change: the same in two readings, and nothing of it moved in between."""
+    return job.status, job.claimed_at, job.step, job.container_id

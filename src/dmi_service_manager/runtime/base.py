@@ -122,7 +122,7 @@ class CapturedLog:
 @dataclass(frozen=True)
 class ContainerEvent:
     container_id: str
-    action: str  # die | start | destroy | oom ...
+    action: str  # die | start | oom ...
     labels: dict[str, str]
     # What the event itself says of a run that ended (Docker's `die` carries the exit code), so that
     # finishing it needs no inspect: right after an exit the engine answers one slowly. None: ask.
@@ -170,10 +170,12 @@ class Backend(Protocol):
         """The run's output as it comes; `close()` from another thread ends a read that waits for more."""
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
-        """This server's runs, ended ones too: what a restart adopts."""
+        """This server's runs, ended ones too: what a restart adopts. Their status is current; their times
+        and exit code may be left out (an engine's listing need not carry them): inspect for those."""
 
-    def running_of_images(self, images: list[str]) -> list[ContainerState]:
-        """Runs of these images that may not be ours (the original server's): they hold GPUs we place."""
+    def running_of_images(self, images: list[str], unless: dict[str, str]) -> list[ContainerState]:
+        """Runs of these images not labelled `unless` (not ours: the original server's): they hold GPUs
+        we place."""
 
     def events(self, labels: dict[str, str]) -> EventStream:
         """Ends of this server's runs as they happen."""

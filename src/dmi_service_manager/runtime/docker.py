@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Docker keeps a container's log on disk; bound it so a chatty service cannot fill the disk. We keep
 # only the last LOG_MAX_BYTES (1 MiB) of each stream anyway, far less than what is kept here.
 _LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "20m", "max-file": "2"})
-_EVENTS = ["start", "die", "destroy", "oom"]
+_EVENTS = ["start", "die", "oom"]
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _FRAME_PIECE = 1024 * 1024
 
@@ -99,11 +99,11 @@ class DockerEventStream:
                     self._started[container_id] = event["timeNano"] / 1e9
                 elif action == "oom":
                     self._oom.add(container_id)
-                elif action in ("die", "destroy"):
+                elif action == "die":
                     started = self._started.pop(container_id, None)
                     killed = container_id in self._oom  # the inspect's OOMKilled tells the job why it ended
                     self._oom.discard(container_id)
-                    if action == "die" and started is not None and not killed:
+                    if started is not None and not killed:
                         ended = _ended_by(container_id, labels, started, event.get("timeNano"))
                 yield ContainerEvent(container_id=container_id, action=action, labels=labels, ended=ended)
 
@@ -137,6 +137,14 @@ def _ended_by(container_id: str, attributes: dict[str, str], started: float, tim
     return ContainerState(id=container_id, name=attributes.get("name", ""), labels=attributes, status="exited",
                           exit_code=0, started_at=started, finished_at=time_ns / 1e9, image_id="",
                           image=attributes.get("image", ""))
+
+
+def _listed(item: dict[str, Any]) -> ContainerState:
+    """A container as the engine's listing shows it: its state, but no times or exit code."""
+    names = item.get("Names") or [""]
+    return ContainerState(id=str(item["Id"]), name=str(names[0]).lstrip("/"), labels=dict(item.get("Labels") or {}),
+                          status=str(item.get("State", "")), exit_code=None, started_at=None, finished_at=None,
+                          image_id=str(item.get("ImageID", "")), image=str(item.get("Image", "")))
 
 
 def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
@@ -354,18 +362,22 @@ class DockerBackend:
         return DockerLogStream(stream)
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
+        """As the engine lists them, without times or exit codes: one call, where an inspect of each
+        would cost the engine one call per container every reconcile pass."""
         with _engine():
             found = self.api.containers(all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
-        states = [self.inspect(item["Id"]) for item in found]
-        return [s for s in states if s is not None]
+        return [_listed(item) for item in found]
 
-    def running_of_images(self, images: list[str]) -> list[ContainerState]:
-        """Running containers made from these images, whoever started them."""
+    def running_of_images(self, images: list[str], unless: dict[str, str]) -> list[ContainerState]:
+        """Running containers made from these images, but for those labelled `unless`. Inspected, for the
+        image name they were made from (a listing shows an id once that name has moved to a newer build)."""
         if not images:
             return []
         with _engine():
             found = self.api.containers(filters={"ancestor": images, "status": "running"})
-        states = [self.inspect(item["Id"]) for item in found]
+        others = [item["Id"] for item in found
+                  if any((item.get("Labels") or {}).get(k) != v for k, v in unless.items())]
+        states = [self.inspect(container_id) for container_id in others]
         return [s for s in states if s is not None]
 
     def events(self, labels: dict[str, str]) -> DockerEventStream:

@@ -351,7 +351,7 @@ finish "$code"
         states = [self._state(name, queue) for name in sorted(names)]
         return [s for s in states if s is not None]
 
-    def running_of_images(self, images: list[str]) -> list[ContainerState]:
+    def running_of_images(self, images: list[str], unless: dict[str, str]) -> list[ContainerState]:
         return []  # Slurm accounts for every GPU it hands out; nothing runs there behind its back
 
     def events(self, labels: dict[str, str]) -> SlurmEventStream:
