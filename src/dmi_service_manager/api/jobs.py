@@ -140,13 +140,14 @@ def router(jobs: JobService) -> APIRouter:
                                  where=where)
 
         async def body() -> AsyncIterator[bytes]:
+            # One chunk per batch read: a chunk per job would cost a write (and a pass through every
+            # middleware) per job, most of the time of a listing of many small jobs.
+            separator = b""
             yield b'{"status":"success","jobs":['
-            first = True
             async for found in iterate_in_threadpool(batches):
-                for job in found:
-                    yield (b"" if first else b",") + json.dumps(job.listed(), separators=(",", ":"),
-                                                                   ensure_ascii=False).encode()
-                    first = False
+                yield separator + b",".join(json.dumps(job.listed(), separators=(",", ":"), ensure_ascii=False).encode()
+                                            for job in found)
+                separator = b","
             yield b"]}"
 
         return StreamingResponse(body(), media_type="application/json")

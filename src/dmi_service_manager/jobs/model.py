@@ -142,8 +142,7 @@ class Job:
         A TES task's output stays behind its tokens: here it shows only how it ended.
         """
         shown = {**self.wire(), "kind": self.kind.value, "task_id": self.task_id}
-        results = self.results_dict()
-        if self.kind is Kind.TES and results is not None:
+        if self.kind is Kind.TES and (results := self.results_dict()) is not None:
             shown["results"] = json.dumps({"returncode": results.get("returncode"),
                                            "error": (results.get("error") or "").split("\n", 1)[0]})
         return shown

@@ -475,7 +475,8 @@ class Scheduler:
                         # admitting, and 4CAT's next poll should already see the end.
                         if self.engine_reachable:
                             self._finish_exited()
-                        self._wake.set()
+                        else:
+                            self._wake.set()
                 if not self._stop.is_set():
                     self._engine_lost(f"the {self.backend.engine}'s event stream ended")
             except RuntimeUnavailable as exc:
@@ -593,9 +594,13 @@ class Scheduler:
     # -- helpers
 
     def _release(self, job_id: int) -> None:
+        """The job's task is done. A tick now only if its end came meanwhile (capacity freed and starts
+        failed wake it themselves; anything else waits for the next tick): every tick reads the queue."""
         with self._lock:
             self._flags.busy.discard(job_id)
-        self._wake.set()
+            ended_meanwhile = job_id in self._flags.exited
+        if ended_meanwhile:
+            self._wake.set()
 
     @staticmethod
     def _quietly(action: Any, *args: Any) -> None:

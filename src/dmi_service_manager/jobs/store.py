@@ -568,18 +568,17 @@ def _json_object(text: Any) -> dict[str, Any]:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    """A job from a row; a partial row (a MINIMAL listing) leaves the other fields at their defaults."""
-    values: dict[str, Any] = dict(zip(row.keys(), row, strict=True))
-
-    def col(name: str) -> Any:
-        return values.get(name)
-
+    """A job from a row; a partial row (a MINIMAL listing) leaves the other fields at their defaults.
+    Every tick of the scheduler and every listing reads many: plain dict lookups, each column once."""
+    col = dict(zip(row.keys(), row, strict=True)).get
     try:
         status = JobStatus(row["status"])
     except ValueError:
         status = JobStatus.ERROR
-    gpu_ids = json.loads(col("gpu_ids")) if col("gpu_ids") else []
-    failure = col("failure")
+    gpu_ids = col("gpu_ids")
+    failure: Any = col("failure")
+    details = col("details")
+    gpus = col("gpus")
     return Job(
         id=row["id"],
         created_at=row["created_at"],
@@ -588,7 +587,7 @@ def _job(row: sqlite3.Row) -> Job:
         completed_at=col("completed_at"),
         message=col("message"),
         processed_records=col("processed_records"),
-        details=col("details") if isinstance(col("details"), str) else "{}",
+        details=details if isinstance(details, str) else "{}",
         results=col("results"),
         service=col("service"),
         mode=col("mode"),
@@ -597,7 +596,7 @@ def _job(row: sqlite3.Row) -> Job:
         claimed_at=col("claimed_at"),
         started_at=col("started_at"),
         container_id=col("container_id"),
-        gpu_ids=[str(g) for g in gpu_ids],
+        gpu_ids=[str(g) for g in json.loads(gpu_ids)] if gpu_ids else [],
         gpu_memory=col("gpu_memory"),
         stop_reason=col("stop_reason"),
         stop_detail=col("stop_detail"),
@@ -605,7 +604,7 @@ def _job(row: sqlite3.Row) -> Job:
         last_polled_at=col("last_polled_at"),
         kind=Kind.TES if col("kind") == "tes" else Kind.FOURCAT,
         failure=Failure(failure) if failure in Failure._value2member_map_ else None,
-        gpus=col("gpus") if col("gpus") is not None else 1,
+        gpus=gpus if gpus is not None else 1,
         cpus=col("cpus"),
         mem_limit=col("mem_limit"),
         step=col("step") or 0,
