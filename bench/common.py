@@ -138,6 +138,8 @@ def baseline_server(folder: Path, workers: int = 2, database: Path | None = None
 
 def wrk_args(url: str, seconds: int, connections: int, script: Path | None = None, threads: int = 2,
              headers: list[str] | None = None) -> list[str]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: the load comes from wrk, which is not installed here (Debian: apt-get install wrk)")
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
     for header in headers or []:
         args += ["-H", header]

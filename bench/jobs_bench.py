@@ -16,7 +16,8 @@ as a user runs it; the bare baseline route runs on uvicorn with 2 workers.
 3. Submit latency (p50/p99) while 50 jobs run.
 4. Status polls (GET /api/jobs/<id>, wrk -t2 -c32) beside a bare Starlette route that reads one row from
    the same SQLite database: over keep-alive connections, and with a new connection per request (as 4CAT
-   polls: wrk with "Connection: close" reconnects for every request).
+   polls: wrk with "Connection: close" reconnects for every request); 5 rounds, the verdict the median of
+   the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ def latency_and_polls(quick: bool) -> None:
             poll_key = long[0]
             runs: dict[str, list[dict[str, float]]] = {"ours": [], "bare": [], "ours new": [], "bare new": []}
             with baseline_server(folder / "bare", workers=2, database=folder / "jobs.db") as (bare, _):
-                for round_ in range(1 if quick else 3):
+                for round_ in range(1 if quick else 5):
                     steps = [lambda: runs["ours"].append(wrk(f"{url}/api/jobs/{poll_key}", seconds, 32)),
                              lambda: runs["bare"].append(wrk(f"{bare}/row/{poll_key}", seconds, 32)),
                              lambda: runs["ours new"].append(wrk(f"{url}/api/jobs/{poll_key}", seconds, 32,
@@ -313,17 +314,27 @@ def latency_and_polls(quick: bool) -> None:
         found = runs[name]
         return f"non-2xx {sum(r['errors'] for r in found):.0f}, socket {sum(r['socket_errors'] for r in found):.0f}"
 
-    keep, keep_bare = med("ours", "rate"), med("bare", "rate")
-    new, new_bare = med("ours new", "rate"), med("bare new", "rate")
+    def share(ours: str, bare: str) -> float:
+        """The median of the rounds' own ratios: this machine drifts by more than a round's difference."""
+        return statistics.median(o["rate"] / b["rate"] for o, b in zip(runs[ours], runs[bare], strict=True))
+
+    def rounds(name: str) -> str:
+        return " ".join(f"{r['rate']:.0f}" for r in runs[name])
+
+    keep, keep_bare, keep_share = med("ours", "rate"), med("bare", "rate"), share("ours", "bare")
+    new, new_bare, new_share = med("ours new", "rate"), med("bare new", "rate"), share("ours new", "bare new")
     table(f"Submit latency with {running} jobs running; status polls, wrk -t2 -c32; {DEFAULT}"
           " vs bare route on 2 workers", [
               ("submit latency p50 / p99 (ms)", f"{p50:.1f} / {p99:.1f}", "-", verdict(p99 < 50, "p99 < 50 ms")),
-              ("GET /api/jobs/<id>, keep-alive (requests/s)", f"{keep:.0f}", f"{keep_bare:.0f} (one SQLite row)",
-               verdict(keep >= 5000 and keep >= 0.6 * keep_bare,
-                       f">= 5000/s and >= 60% of bare ({keep / keep_bare:.0%})")),
+              ("GET /api/jobs/<id>, keep-alive (requests/s), median", f"{keep:.0f}",
+               f"{keep_bare:.0f} (one SQLite row)",
+               verdict(keep >= 5000 and keep_share >= 0.6,
+                       f">= 5000/s and >= 60% of bare (median of rounds: {keep_share:.0%})")),
+              ("  each round", rounds("ours"), rounds("bare"), ""),
               ("  p99 (ms)", f"{med('ours', 'p99_ms'):.1f}", f"{med('bare', 'p99_ms'):.1f}", errors("ours")),
-              ("GET /api/jobs/<id>, new connection each (requests/s)", f"{new:.0f}", f"{new_bare:.0f}",
-               verdict(new >= 0.6 * new_bare, f">= 60% of bare ({new / new_bare:.0%})")),
+              ("GET /api/jobs/<id>, new connection each (requests/s), median", f"{new:.0f}", f"{new_bare:.0f}",
+               verdict(new_share >= 0.6, f">= 60% of bare (median of rounds: {new_share:.0%})")),
+              ("  each round", rounds("ours new"), rounds("bare new"), ""),
               ("  p99 (ms)", f"{med('ours new', 'p99_ms'):.1f}", f"{med('bare new', 'p99_ms'):.1f}",
                errors("ours new") + f"; bare: {errors('bare new')}"),
           ])
