@@ -16,7 +16,7 @@ import pytest
 from dmi_service_manager.runtime.docker import DockerBackend
 from dmi_service_manager.runtime.images import build_service
 from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
-from support import BUSYBOX, OCR, ROOT, Server, base_config, wait_until
+from support import BUSYBOX, OCR, ROOT, Server, base_config, containers_of, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,23 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         yield cluster
 
 
+_STOPPED_INSTANCES: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_containers_left_behind() -> Iterator[None]:
+    """Each test's servers' containers go with the test, and once more at the end: a server stopped while a
+    job's container was being made can leave it made a moment after that clean-up looked (the engine
+    finishes a create whose caller has gone; the next start of that server would start it, but a test's
+    server never starts again)."""
+    yield
+    if _STOPPED_INSTANCES:
+        client = docker.from_env()
+        for instance in _STOPPED_INSTANCES:
+            for container in containers_of(client, instance):
+                container.remove(force=True)
+
+
 @pytest.fixture
 def make_server(
     tmp_path: Path, docker_client: docker.DockerClient, busybox_image: str
@@ -70,6 +87,8 @@ def make_server(
     for server in servers:
         server.stop()
         server.remove_containers(docker_client)
+        if server.instance:
+            _STOPPED_INSTANCES.add(server.instance)
 
 
 @pytest.fixture
