@@ -16,7 +16,7 @@ import pytest
 from dmi_service_manager.runtime.docker import DockerBackend
 from dmi_service_manager.runtime.images import build_service
 from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
-from support import BUSYBOX, OCR, ROOT, Server, base_config, containers_of, wait_until
+from support import BUSYBOX, OCR, ROOT, Server, base_config, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         yield cluster
 
 
-_STOPPED_INSTANCES: set[str] = set()
+_STOPPED: list[Server] = []
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,11 +60,10 @@ def _no_containers_left_behind() -> Iterator[None]:
     finishes a create whose caller has gone; the next start of that server would start it, but a test's
     server never starts again)."""
     yield
-    if _STOPPED_INSTANCES:
+    if _STOPPED:
         client = docker.from_env()
-        for instance in _STOPPED_INSTANCES:
-            for container in containers_of(client, instance):
-                container.remove(force=True)
+        for server in _STOPPED:
+            server.remove_containers(client)
 
 
 @pytest.fixture
@@ -87,8 +86,7 @@ def make_server(
     for server in servers:
         server.stop()
         server.remove_containers(docker_client)
-        if server.instance:
-            _STOPPED_INSTANCES.add(server.instance)
+        _STOPPED.append(server)
 
 
 @pytest.fixture

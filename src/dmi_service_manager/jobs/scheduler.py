@@ -563,9 +563,9 @@ class Scheduler:
                 with self._lock:  # inspected again when finished: a listing can be a moment old
                     self._flags.exited[job.id] = (found.id, None)
             elif job.started_at is None and found.status == "running":  # a crash came between its start and this
-                started_at = found.started_at or getattr(self.backend.inspect(found.id), "started_at", None)
-                if started_at:
-                    self.store.set_started(job.id, started_at)
+                started = found if found.started_at else self.backend.inspect(found.id)  # a listing may lack it
+                if started is not None and started.started_at:
+                    self.store.set_started(job.id, started.started_at)
         for job_id, states in containers.items():
             owner = self.store.get(job_id)
             if owner is None or owner.status.final:
