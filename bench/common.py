@@ -244,6 +244,50 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU these processes (all their threads) have used so far, from /proc."""
+    total = 0
+    for pid in pids:
+        with suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent not idle (summed over its CPUs), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICKS
+
+
+class CpuSplit:
+    """Where the machine's CPU went while a block ran: this process (the benchmark's client), a server's
+    processes, and everything else (the Docker engine, containerd, runc and the kernel's work for them).
+    On a machine whose CPUs are all busy, each of them takes time from the others."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server = process_tree(server_pid) if server_pid else []
+        self.client = self.server_cpu = self.other = self.wall = 0.0
+
+    def __enter__(self) -> CpuSplit:
+        self._start = (time.process_time(), cpu_seconds(self.server), machine_busy_seconds(), time.monotonic())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        client, server, busy, wall = (a - b for a, b in zip(
+            (time.process_time(), cpu_seconds(self.server), machine_busy_seconds(), time.monotonic()),
+            self._start, strict=True))
+        self.client, self.server_cpu, self.other, self.wall = client, server, busy - client - server, wall
+
+    @property
+    def busy_share(self) -> float:
+        """How much of the machine's CPU capacity was in use."""
+        return (self.client + self.server_cpu + self.other) / (self.wall * (os.cpu_count() or 1))
+
+
 def tree_usage(pid: int) -> tuple[float, int, int]:
     """(resident MiB, open descriptors, processes), summed over the process tree under pid."""
     rss, fds, count = 0.0, 0, 0

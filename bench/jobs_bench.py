@@ -12,7 +12,9 @@ as a user runs it; the bare baseline route runs on uvicorn with 2 workers.
    `containers.run(..., remove=True)` calls from 8 threads (target: within 1.10x), in 5 rounds that
    alternate which goes first; the verdict is the median of the rounds' ratios. With a per-job time
    breakdown from Docker's events and the client's clock: submit -> create -> start -> die -> the poll
-   that first sees `complete` (for the SDK: call -> create -> start -> die -> the call returns).
+   that first sees `complete` (for the SDK: call -> create -> start -> die -> the call returns), and the
+   CPU each side used per job: the client (this script), the server, everything else (the engine, runc,
+   the kernel). Then the same with one client per CPU.
 3. Submit latency (p50/p99) while 50 jobs run.
 4. Status polls (GET /api/jobs/<id>, wrk -t2 -c32) beside a bare Starlette route that reads one row from
    the same SQLite database: over keep-alive connections, and with a new connection per request (as 4CAT
@@ -39,6 +41,7 @@ import requests
 from common import (
     BUSYBOX,
     ROOT,
+    CpuSplit,
     baseline_server,
     dsm_server,
     dsm_token,
@@ -143,19 +146,21 @@ def segments(start: float, events: dict[str, float], end: float) -> dict[str, fl
     return dict(zip(names, values, strict=True))
 
 
-def paced_jobs(count: int, concurrency: int, rounds: int) -> None:
-    """The issue's 40 trivial jobs: 8 clients, each submits one job and polls it every 50 ms until final,
-    then the next; beside 8 threads of containers.run(..., remove=True). Docker's events give the breakdown.
-    The two alternate for `rounds` rounds (which goes first alternates too), and the verdict is the median
-    of the rounds' ratios: this machine's disk and CPU drift by more than the difference measured."""
+def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> float:
+    """The issue's 40 trivial jobs: `concurrency` clients, each submits one job and polls it every 50 ms until
+    final, then the next; beside as many threads of containers.run(..., remove=True). Docker's events give the
+    breakdown, /proc the CPU each side used. The two alternate for `rounds` rounds (which goes first alternates
+    too), and the verdict is the median of the rounds' ratios: this machine's disk and CPU drift by more than
+    the difference measured. Returns that median."""
     client = docker.from_env()
     with workdir("dsm-bench-paced-") as folder, dsm_server(folder, MAX_CONCURRENT_JOBS=concurrency,
-                    DOCKER_ENDPOINTS={"noop": SERVICE}) as (url, _):
+                    DOCKER_ENDPOINTS={"noop": SERVICE}) as (url, server):
         instance = server_instance(url)
         ours_times: list[float] = []
         raw_times: list[float] = []
         ours_parts: list[dict[str, float]] = []
         raw_parts: list[dict[str, float]] = []
+        cpu: dict[str, list[CpuSplit]] = {"ours": [], "raw": []}
         failed = 0
         _paced_ours(client, url, instance, concurrency, concurrency)  # warm-up, not counted: both paths'
         _paced_raw(client, folder, concurrency, concurrency)  # first calls and images are hot
@@ -165,20 +170,23 @@ def paced_jobs(count: int, concurrency: int, rounds: int) -> None:
                 settle_containers(instance, 30)
                 os.sync()
                 time.sleep(1)
-                if which == "ours":
-                    seconds, parts, not_complete = _paced_ours(client, url, instance, count, concurrency)
-                    ours_times.append(seconds)
-                    ours_parts += parts
-                    failed += not_complete
-                else:
-                    seconds, parts = _paced_raw(client, folder, count, concurrency)
-                    raw_times.append(seconds)
-                    raw_parts += parts
+                # The server's CPU is counted on both sides: idle, it still costs a little.
+                with CpuSplit(server.pid) as split:
+                    if which == "ours":
+                        seconds, parts, not_complete = _paced_ours(client, url, instance, count, concurrency)
+                        ours_times.append(seconds)
+                        ours_parts += parts
+                        failed += not_complete
+                    else:
+                        seconds, parts = _paced_raw(client, folder, count, concurrency)
+                        raw_times.append(seconds)
+                        raw_parts += parts
+                cpu[which].append(split)
         problems, first_problems = log_problems(folder / "dsm.log")
     ratios = [o / r for o, r in zip(ours_times, raw_times, strict=True)]
     ratio = statistics.median(ratios)
     table(f"{count} trivial jobs (busybox, host network, one bind mount), {concurrency} clients each submitting"
-          f" and polling every 50 ms, {rounds} alternating rounds; {DEFAULT}", [
+          f" and polling every 50 ms, {rounds} alternating rounds; {DEFAULT}{note}", [
               ("time until all final (s), median", f"{statistics.median(ours_times):.2f}",
                f"{statistics.median(raw_times):.2f} ({concurrency} threads of containers.run)",
                verdict(ratio <= 1.10 and failed == 0, f"<= 1.10x the raw SDK (median of rounds: {ratio:.2f}x)")),
@@ -201,8 +209,23 @@ def paced_jobs(count: int, concurrency: int, rounds: int) -> None:
     table(f"Per-job time (ms, median / p90) from Docker events and the client's clock ({len(ours_parts)} of"
           f" {count * rounds} jobs, {len(raw_parts)} of {count * rounds} SDK calls with all events)", rows,
           header=("segment", "dmi-service-manager", "containers.run", "note"))
+
+    def per_job(which: str, part: str) -> str:
+        return f"{statistics.median(getattr(s, part) for s in cpu[which]) * 1000 / count:.0f}"
+
+    busy = {w: statistics.median(s.busy_share for s in cpu[w]) for w in cpu}
+    table(f"CPU per job (ms of one CPU, median of rounds) from /proc; the machine's {os.cpu_count()} CPUs were"
+          f" {busy['ours']:.0%} busy during our rounds, {busy['raw']:.0%} during the SDK's", [
+              ("the client: this bench (ours: the submit and the polls; SDK: its calls)", per_job("ours", "client"),
+               per_job("raw", "client"), "4CAT's poll pattern, with requests"),
+              ("the server, all its processes", per_job("ours", "server_cpu"), per_job("raw", "server_cpu"),
+               "SDK column: the idle server"),
+              ("everything else: Docker engine, containerd, runc, the kernel", per_job("ours", "other"),
+               per_job("raw", "other"), ""),
+          ], header=("who", "dmi-service-manager", "containers.run", "note"))
     for line in first_problems:
         print(f"server log: {line}")
+    return ratio
 
 
 def _paced_ours(client: docker.DockerClient, url: str, instance: str, count: int,
@@ -353,6 +376,11 @@ def main() -> None:
     print(f"# Job engine benchmarks ({os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')})")
     trivial_jobs(40 if args.quick else 200, args.concurrency)
     paced_jobs(40, args.concurrency, 1 if args.quick else 5)
+    few = min(max(2, os.cpu_count() or 2), args.concurrency)
+    if few < args.concurrency:
+        # The same with as many clients as CPUs: each job waits less inside the engine, so it is polled fewer
+        # times; the difference between the two runs is the polls' share of the machine.
+        paced_jobs(40, few, 1 if args.quick else 5, note=f" ({few} clients: one per CPU)")
     latency_and_polls(args.quick)
 
 
