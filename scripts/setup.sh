@@ -18,6 +18,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # The test command (setup.sh --tests) also drives a real browser: Debian's Chromium, as Playwright's own
 # browser download is not reachable from every machine.
 [ "${1:-}" = --tests ] && ! command -v chromium >/dev/null && missing+=(chromium)
+# ... and a network namespace of its own, for a host that the allow-list refuses.
+[ "${1:-}" = --tests ] && ! command -v ip >/dev/null && missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

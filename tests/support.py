@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -70,13 +71,16 @@ def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
 class Server:
     """`dsm serve` in a subprocess of its own, with its own config, port and database."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, tmp_path: Path, config: dict[str, Any], workers: int = 1, env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1", open_files: int | None = None):
         self.tmp_path = tmp_path
         self.config = config
         self.workers = workers
         self.env = env or {}
+        self.host = host
+        self.open_files = open_files  # the process's hard limit, as `ulimit -n` sets it
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.config_path = tmp_path / "config.yml"
         self.log_path = tmp_path / f"server-{self.port}.log"
         self._tokens: dict[str, str] = {}
@@ -91,13 +95,17 @@ class Server:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dmi_service_manager", "serve", "--config", str(self.config_path),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
+             "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp_path, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, preexec_fn=self._limit_open_files,
         )
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_open_files(self) -> None:
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def wait_ready(self, timeout: float = 30.0) -> float:
         started = time.monotonic()

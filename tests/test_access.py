@@ -37,6 +37,22 @@ def test_whitelist_takes_addresses_and_ranges() -> None:
     assert AccessPolicy([], []).allows("203.0.113.9", "/api/")
 
 
+def test_the_progress_route_is_open_to_this_hosts_loopback_only() -> None:
+    policy = AccessPolicy(["10.0.0.0/8"], ["127.0.0.1", "192.168.5.5"])
+    assert policy.allows("127.0.0.1", "/status_update/", "127.0.0.1")
+    assert policy.allows("127.0.0.1", "/status_update/", "::1")
+    # A remote proxy that says its client was 127.0.0.1 speaks of its own host's loopback, not ours
+    assert not policy.allows("127.0.0.1", "/status_update/", "192.168.5.5")
+    assert not policy.allows("127.0.0.1", "/api/", "127.0.0.1")
+
+
+def test_an_untrusted_peers_forwarded_for_is_not_read() -> None:
+    policy = AccessPolicy([], ["192.168.5.5"])
+    assert policy.caller("203.0.113.7", "127.0.0.1").address == "203.0.113.7"
+    assert policy.caller("192.168.5.5", "1" * 60_000).address == "192.168.5.5"  # no address is that long
+    assert policy.caller("192.168.5.5", "10.1.1.1, " + "1" * 100).address == "192.168.5.5"
+
+
 def test_outside_the_whitelist_is_403_json_on_every_route(make_server: Callable[..., Server], tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"]))
     for method, path in (("get", "/api/"), ("post", "/api/fake_local"), ("get", "/api/list_filenames/x"),

@@ -6,14 +6,17 @@ the parser or SQLite chokes on, names the file system refuses, request heads tha
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import pytest
 import requests
 
 from dmi_service_manager.access import AccessPolicy
-from dmi_service_manager.serving import HEAD_SECONDS, MAX_HEAD_BYTES
+from dmi_service_manager.serving import HEAD_SECONDS, MAX_HEAD_BYTES, MAX_PIPELINED
 from support import ROOT, Server, base_config, containers_of, wait_until
 
 
@@ -54,6 +57,21 @@ def assert_json_error(response: requests.Response, status: int) -> dict[str, Any
     ("POST", "/api/fake_local", '{"args":[], "timeout": 99999999999999999999999}'),
     ("POST", "/api/fake_local", "[" * 100_000 + "]" * 100_000),
     ("POST", "/api/fake_local", '{"a":' * 5_000 + "1" + "}" * 5_000),
+    # an index past Python's 4,300-digit limit on int(), and one in digits that are not ASCII
+    ("GET", "/api/jobs/details_query/", '{"details_key":"$[' + "9" * 5_000 + ']","details_value":"x"}'),
+    ("GET", "/api/jobs/details_query/", '{"details_key":"$[\\u0661\\u0662]","details_value":"x"}'),
+    # query numbers that pydantic alone would take
+    ("GET", "/jobs/?limit=1_000", None),
+    ("GET", "/jobs/?limit=1.0", None),
+    ("GET", "/api/jobs/?offset=%201", None),
+    ("GET", "/api/jobs/1/logs?tail=1e3", None),
+    # numbers a float cannot hold: they would be stored as a bare Infinity, which is not JSON
+    ("POST", "/api/fake_local", '{"args":[1e400]}'),
+    ("POST", "/api/fake_local", '{"args":[],"4CAT_dataset_key":-1e400}'),
+    # callback URLs that urllib cannot take apart
+    ("POST", "/api/fake_local", '{"args":[],"callback_url":"http://[::1"}'),
+    ("POST", "/api/fake_local", '{"args":[],"callback_url":"http://a\\uff03b/"}'),
+    ("POST", "/api/fake_local", '{"args":[],"callback_url":"http://a:99999/"}'),
 ])
 def test_malformed_numbers_and_json_are_400_never_500(server: Server, method: str, path: str,
                                                        body: str | None) -> None:
@@ -88,6 +106,55 @@ def test_form_fields_count_against_a_limit(server: Server) -> None:
     fields = [(f"field{i}", "v" * 60_000) for i in range(40)]  # 2.4 MB of ordinary fields, no file
     response = server.post("/api/send_files", files=[(k, (None, v)) for k, v in fields])
     assert_json_error(response, 413)
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("GET", "/logs"), ("DELETE", "")])
+def test_a_job_id_with_more_digits_than_any_id_is_404_not_500(server: Server, method: str, suffix: str) -> None:
+    admin = {"Authorization": f"Bearer {server.token('admin')}"} if method == "DELETE" else {}
+    response = requests.request(method, f"{server.url}/api/jobs/{'9' * 5_000}{suffix}", headers=admin, timeout=30)
+    assert_json_error(response, 404)
+
+
+def test_a_range_with_more_digits_than_any_file_has_bytes_is_answered(server: Server) -> None:
+    assert server.post("/api/send_files", data={"folder_name": "rng"},
+                       files={"out": ("a.txt", b"0123456789")}).status_code == 200
+    url, huge = "/api/download/rng/out/a.txt", "9" * 5_000
+    assert_json_error(server.get(url, headers={"Range": f"bytes={huge}-"}), 416)
+    for whole in (f"bytes=-{huge}", f"bytes=0-{huge}"):
+        answer = server.get(url, headers={"Range": whole})
+        assert answer.status_code == 206 and answer.content == b"0123456789"
+
+
+def test_multipart_heads_the_parser_refuses_are_400_and_parameter_names_ignore_case(server: Server,
+                                                                                     tmp_path: Path) -> None:
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="out"; filename="a.txt"\r\n\r\nhi\r\n--XyZ--\r\n'
+    too_long = requests.post(f"{server.url}/api/send_files", data=b"x", timeout=30,
+                             headers={"Content-Type": "multipart/form-data; boundary=" + "a" * 5_000})
+    assert "boundary" in assert_json_error(too_long, 400)["message"]
+    shouting = requests.post(f"{server.url}/api/send_files", data=part, timeout=30,
+                             headers={"Content-Type": "MULTIPART/FORM-DATA; BOUNDARY=XyZ"})
+    assert shouting.status_code == 200 and shouting.json()["out"] == ["a.txt"]
+
+
+@pytest.mark.parametrize("field", ["folder_name", "errors"])
+def test_a_file_whose_field_names_a_key_of_the_answer_is_refused(server: Server, tmp_path: Path, field: str) -> None:
+    response = server.post("/api/send_files", data={"folder_name": f"clash-{field}"},
+                           files={field: ("f.txt", b"hello")})
+    assert field in assert_json_error(response, 400)["message"]
+    assert not (tmp_path / "uploads" / f"clash-{field}").exists()
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_server_error(server: Server) -> None:
+    before = server.get("/jobs/").json()["jobs"]
+    for path in ("/api/fake_local", "/api/jobs/details_query/"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 100\r\n\r\n{\"args\": [".encode())
+            time.sleep(0.3)
+    time.sleep(1)
+    log = server.log_path.read_text(errors="replace")
+    assert "unexpected error" not in log and "Exception in ASGI application" not in log
+    assert server.get("/jobs/").json()["jobs"] == before
 
 
 def _raw(port: int, payload: bytes, wait: float = 5.0) -> bytes:
@@ -191,6 +258,20 @@ def test_a_forwarded_prefix_with_dot_dot_never_reaches_the_result_url(make_serve
         assert ".." not in url and "/./" not in url and "%2e" not in url.lower(), url
 
 
+def test_forwarded_hosts_that_are_no_host_names_never_reach_the_result_url(make_server: Callable[..., Server],
+                                                                          tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, TRUSTED_PROXIES=["127.0.0.1"]))
+
+    def result_url(headers: dict[str, str]) -> str:
+        url: str = server.post("/api/fake_local", json={"args": []}, headers=headers).json()["result_url"]
+        return url
+
+    for host in ("..:80", "evil.example:99999", "a..b", "-a.example", "a_b.example"):
+        assert result_url({"X-Forwarded-Host": host}).startswith(f"http://127.0.0.1:{server.port}/api/jobs/"), host
+    assert result_url({"X-Forwarded-Host": "dsm.example.org:8443", "X-Forwarded-Proto": "HTTPS"}).startswith(
+        "https://dsm.example.org:8443/api/jobs/")
+
+
 def test_the_originals_double_slash_result_url_is_served(server: Server) -> None:
     key = server.submit("fake_local", [])["key"]
     answer = requests.get(f"{server.url}//api/jobs/{key}", timeout=30)  # as 4CAT sends the original's URL
@@ -275,3 +356,150 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(server: S
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "passed" in done.stdout and " failed" not in done.stdout.split("SUMMARY")[-1]
+
+
+def _closed_after_answer(sock: socket.socket, more: bytes, seconds: float = 10.0) -> bytes:
+    """Send `more` until the server hangs up; what it answered meanwhile. Fails if it never hangs up."""
+    answered = b""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(more)
+        except OSError:
+            break  # hung up: the rest of what we send is not read
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        answered += chunk
+    else:
+        raise AssertionError(f"the server kept the connection open for {seconds} s")
+    return answered
+
+
+@pytest.mark.parametrize(("head", "more"), [
+    # a chunked body whose trailers never end
+    (b"POST /api/jobs/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n", b"T: x\r\n" * 500),
+    # a body that trickles in
+    (b"POST /api/fake_local HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n", b"x"),
+    # requests pipelined behind the refused one, without waiting for its answer
+    (b"GET /api/jobs/1 HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /api/jobs/1 HTTP/1.1\r\nHost: x\r\n\r\n" * 200),
+], ids=["endless-trailers", "trickling-body", "pipelined"])
+def test_a_refused_request_is_answered_and_the_connection_closed(make_server: Callable[..., Server],
+                                                                tmp_path: Path, head: bytes, more: bytes) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"]))  # loopback: the progress route only
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        answered = _closed_after_answer(sock, more)
+    # One answer: the refusal (or, for trailers past the head's limits, the 431 that may come first), then EOF.
+    assert answered.count(b"HTTP/1.1 ") == 1 and answered[9:12] in (b"403", b"431"), answered[:200]
+
+
+def test_trailers_count_against_the_head_limits(server: Server) -> None:
+    before = server.get("/jobs/").json()["jobs"]
+    payload = (b"POST /api/fake_local HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"T: x\r\n" * 200 + b"\r\n")
+    code, body = _status_and_json(_raw(server.port, payload))
+    assert code == 431 and "headers" in body["message"]
+    assert server.get("/jobs/").json()["jobs"] == before
+
+
+def test_a_client_that_pipelines_without_reading_is_disconnected(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n\r\n" * 2_000)
+        answered = _closed_after_answer(sock, b"")
+    assert 1 <= answered.count(b"HTTP/1.1 200") <= MAX_PIPELINED + 2
+    assert server.get("/api/").status_code == 200
+
+
+def _tree_rss_mib(pid: int) -> float:
+    total = 0.0
+    for each in [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
+def test_forwarded_for_headers_from_untrusted_peers_are_not_kept(make_server: Callable[..., Server],
+                                                                   tmp_path: Path) -> None:
+    """A refused client that sends a different 60 KB X-Forwarded-For each time: the server's memory stays
+    (a cache keyed on the header grew by all of it)."""
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"]))
+    assert server.process is not None
+    server.get("/api/")
+    before = _tree_rss_mib(server.process.pid)
+    for i in range(1_000):
+        answer = requests.get(server.url + "/api/", headers={"X-Forwarded-For": f"{i}," + "1" * 60_000}, timeout=30)
+        assert answer.status_code == 403
+    assert _tree_rss_mib(server.process.pid) - before < 25
+
+
+FLOOD = """
+import socket, sys, time
+host, port, count, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+held = []
+for _ in range(count):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect((host, port))
+    except BlockingIOError:
+        pass
+    held.append(s)
+time.sleep(hold)
+"""
+
+
+@contextlib.contextmanager
+def _namespace(name: str, host: str, inside: str) -> Iterator[None]:
+    """A network namespace joined to this host by a veth pair: `inside` is an address no allow-list here has."""
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)  # a leftover of an interrupted run
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", f"{name}0", "type", "veth", "peer", "name", f"{name}1")
+        ip("link", "set", f"{name}1", "netns", name)
+        ip("addr", "add", f"{host}/24", "dev", f"{name}0")
+        ip("link", "set", f"{name}0", "up")
+        ip("netns", "exec", name, "ip", "addr", "add", f"{inside}/24", "dev", f"{name}1")
+        ip("netns", "exec", name, "ip", "link", "set", f"{name}1", "up")
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", f"{name}0"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                    reason="needs root and iproute2 (setup.sh installs it)")
+def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: Path) -> None:
+    """3,000 connections at once from a refused address, against a server limited to 256 open files: each is
+    closed as it is accepted, and allowed clients are answered throughout (asyncio alone accepted thousands
+    before dropping one, ran out of descriptors, and logged a traceback per try)."""
+    host, attacker = "10.231.7.1", "10.231.7.2"
+    with _namespace("dsmflood", host, attacker):
+        server = Server(tmp_path, base_config(tmp_path, IP_WHITELIST=[f"{host}/32"]), host=host, open_files=256)
+        try:
+            server.start()
+            flood = subprocess.Popen(["ip", "netns", "exec", "dsmflood", sys.executable, "-c", FLOOD, host,
+                                      str(server.port), "3000", "4"])
+            waits = []
+            while flood.poll() is None and len(waits) < 100:
+                started = time.monotonic()
+                assert requests.get(server.url + "/api/", timeout=30).status_code == 200
+                waits.append(time.monotonic() - started)
+                time.sleep(0.1)
+            flood.wait(30)
+            assert server.get("/api/").status_code == 200
+        finally:
+            server.stop()
+    assert len(waits) >= 10 and max(waits) < 1.0, waits
+    log = server.log()
+    assert "out of system resource" not in log and "Too many open files" not in log, log[-2000:]

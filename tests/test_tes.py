@@ -689,6 +689,22 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
      "outputs[0].path_prefix"),
     ("relative-volume", {"executors": [GOOD], "volumes": ["vol"]}, "volumes[0]"),
     ("tags-not-strings", {"executors": [GOOD], "tags": {"a": 1}}, "tags"),
+    # URLs that urllib cannot take apart, and numbers past what a float or SQLite holds
+    ("input-url-broken-ipv6", {"executors": [GOOD], "inputs": [{"url": "http://[::1", "path": "/in/a"}]},
+     "inputs[0].url"),
+    ("input-url-nfkc-host", {"executors": [GOOD], "inputs": [{"url": "http://a\uff03b/x", "path": "/in/a"}]},
+     "inputs[0].url"),
+    ("input-url-port-out-of-range", {"executors": [GOOD], "inputs": [{"url": "http://a:99999/x", "path": "/in/a"}]},
+     "inputs[0].url"),
+    ("output-url-broken-ipv6", {"executors": [GOOD], "outputs": [{"url": "http://a]b/", "path": "/out/x"}]},
+     "outputs[0].url"),
+    ("gpu-memory-past-a-float", {"executors": [GOOD], "resources": {"backend_parameters": {"gpu_memory": "9" * 400}}},
+     "resources.backend_parameters.gpu_memory"),
+    ("gpu-memory-past-sqlite", {"executors": [GOOD],
+                                "resources": {"backend_parameters": {"gpu_memory": "9999999999 TiB"}}},
+     "resources.backend_parameters.gpu_memory"),
+    ("timeout-with-underscore", {"executors": [GOOD], "resources": {"backend_parameters": {"timeout": "1_0"}}},
+     "resources.backend_parameters.timeout"),
 ]
 
 

@@ -24,9 +24,18 @@ def _networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(item, strict=False) for item in items)
 
 
-@functools.lru_cache(maxsize=4096)
+_LONGEST_ADDRESS = 64  # "[an IPv6 address with a zone]:port"; anything longer is no address
+
+
 def _address(text: str) -> IPAddress | None:
+    """An address as peers and proxies write it, or None. Only short texts reach the cache: a client may
+    send any X-Forwarded-For, and a cache keyed on it would keep what it sent."""
     text = text.strip()
+    return _parsed(text) if len(text) <= _LONGEST_ADDRESS else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str) -> IPAddress | None:
     if text.startswith("[") and "]" in text:  # "[::1]:443" as some proxies write it
         text = text[1 : text.index("]")]
     elif text.count(":") == 1:  # "1.2.3.4:5678"
@@ -59,13 +68,14 @@ class AccessPolicy:
     def _is_trusted(self, address: IPAddress) -> bool:
         return any(address in net for net in self.trusted)
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one policy per process; callers repeat by the thousand
     def caller(self, peer: str | None, forwarded_for: str | None) -> Caller:
         """The client's address after walking back through trusted proxies."""
         current = _address(peer or "")
         if current is None:
             return Caller(address=peer or "")
-        hops = [h for h in (forwarded_for or "").split(",") if h.strip()]
+        if not forwarded_for or not self._is_trusted(current):
+            return Caller(address=str(current))  # the header is not even read
+        hops = [h for h in forwarded_for.split(",") if h.strip()]
         while self._is_trusted(current) and hops:
             previous = _address(hops.pop())
             if previous is None:
@@ -73,13 +83,16 @@ class AccessPolicy:
             current = previous
         return Caller(address=str(current))
 
-    def allows(self, address: str, path: str) -> bool:
+    def allows(self, address: str, path: str, peer: str | None = None) -> bool:
+        """Whether the caller (`address`, after trusted proxies) may use `path`. The progress route's
+        exemption needs both the caller and the TCP peer on loopback: a proxy's own loopback is another
+        host's."""
         if not self.whitelist:
             return True
         parsed = _address(address)
         if parsed is None:
             return False
-        if parsed.is_loopback and path in LOOPBACK_PATHS:
+        if parsed.is_loopback and path in LOOPBACK_PATHS and (peer is None or is_loopback(peer)):
             return True
         return any(parsed in net for net in self.whitelist)
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -60,9 +60,11 @@ class AccessMiddleware:
         who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
         scope[CALLER_KEY] = who.address
         scope[TRUSTED_PEER_KEY] = self.policy.peer_is_trusted(peer)
-        if not self.policy.allows(who.address, scope["path"]):
+        if not self.policy.allows(who.address, scope["path"], peer):
             log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
             response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
+            # and hang up: what else it sends (a body, trailers, pipelined requests) is not read or kept
+            response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -92,6 +94,13 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body"))
         problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
     return _error_body(400, "invalid request: " + "; ".join(problems))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while its body was read: nothing to store, and no one to answer (the answer is
+    for the log and the metrics, which count it as a 400, not a server error)."""
+    log.info("%s %s: the client closed the connection before its body arrived", request.method, request.url.path)
+    return _error_body(400, "the client closed the connection before its body arrived")
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -153,6 +162,7 @@ def create_app(config: Config, port: int) -> FastAPI:
         DsmError: _dsm_error,
         HTTPException: _http_error,
         RequestValidationError: _validation_error,
+        ClientDisconnect: _client_gone,
         Exception: _unexpected,
     }
     for kind, handler in handlers.items():

@@ -29,6 +29,7 @@ ENV_PREFIX = "DSM_"
 # These are read elsewhere and are never config keys, even if a key of that name appears one day.
 ENV_RESERVED = {"DSM_CONFIG", "DSM_PORT", "DSM_SUPERVISOR_PID", "DSM_SERVER", "DSM_TOKEN", "DSM_WHEELS_CACHE"}
 
+MAX_SIZE = 2**62  # bytes: below SQLite's largest integer
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
@@ -40,15 +41,20 @@ def parse_size(value: Any) -> int:
     """Bytes from an int or a string such as '20GiB', '512m' or '1.5 GB'."""
     if isinstance(value, bool):
         raise ValueError("a size must be a number of bytes or a string such as '10GiB'")
+    size: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return int(value)
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        size = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([a-zA-Z]*)\s*", value)
         if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size (use bytes, or a string such as '10GiB' or '512MB')")
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size is None:
+        raise ValueError(f"{value!r} is not a size (use bytes, or a string such as '10GiB' or '512MB')")
+    if not size <= MAX_SIZE:  # also false for NaN
+        raise ValueError(f"{value!r} is larger than any size this server can store ({MAX_SIZE} bytes)")
+    return int(size)
 
 
 class _Model(BaseModel):

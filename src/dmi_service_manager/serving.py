@@ -1,22 +1,26 @@
 """The HTTP server around the app: uvicorn, with the limits that keep refused hosts from taking it down.
 
 uvicorn's httptools protocol buffers a request's headers without limit and waits for them without a
-deadline, and answers a request it cannot parse in plain text. The protocol here, per connection:
-- closes a connection from a host that IP_WHITELIST refuses as soon as it is made (a trusted proxy
-  or loopback gets as far as the request, where the full access rule applies);
-- caps the bytes of a request's head (431) and gives it a deadline from its first byte (408);
+deadline, and answers a request it cannot parse in plain text. The event loop here (asyncio's, see
+`uvicorn_settings` for why) closes a connection from a host that IP_WHITELIST refuses in the accept loop
+itself (a trusted proxy or loopback gets as far as the request, where the full access rule applies), and
+out of descriptors it pauses accepting and says so once. The protocol, per connection:
+- caps the bytes and the count of a request's head and trailers (431), and gives the head a deadline
+  from its first byte (408);
+- caps the requests pipelined behind one not yet answered: a client that sends more is disconnected;
 - answers every request it cannot parse with the usual JSON error body.
 The process's descriptor limit is raised to its hard limit at start-up, and the limits are logged.
-The event loop is asyncio's (see `uvicorn_settings` for why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import resource
 import socket
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,6 +32,9 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_HEADERS = 100
 HEAD_SECONDS = 10.0  # from a request's first byte to the end of its headers
+MAX_PIPELINED = 32  # requests a client may send ahead of the answers (browsers send none)
+ACCEPT_PAUSE_SECONDS = 1.0  # out of descriptors: how long accepting waits before it tries again
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Set by the app factory in each worker process, before the server accepts connections.
 _policy: AccessPolicy | None = None
@@ -56,12 +63,53 @@ def _error(status: int, reason: bytes, message: str) -> bytes:
             % (status, reason, len(body))) + body
 
 
+class GuardedEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop, accepting as a server under a connection flood must.
+
+    asyncio accepts up to `backlog` (here 4,096) connections per wake-up and lets their protocols see
+    them only afterwards: a burst from a refused host could take every descriptor before one of its
+    connections was dropped. Here a refused peer is closed before the next accept. Out of descriptors,
+    asyncio logs a traceback for each of the wake-up's remaining tries (tens of MB a second); here
+    accepting pauses for a second, with one warning a minute."""
+
+    _warned_at = 0.0
+
+    def _accept_connection(self, protocol_factory: Any, sock: socket.socket, sslcontext: Any = None,
+                           server: Any = None, backlog: int = 100, *timeouts: Any) -> None:
+        # The signature and the calls below are asyncio's own from 3.11 to 3.13 (timeouts: the TLS
+        # handshake's and shutdown's, passed through).
+        for _ in range(backlog):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._pause_accepting(exc, protocol_factory, sock, sslcontext, server, backlog, *timeouts)
+                return
+            peer = address[0] if isinstance(address, tuple) else ""
+            if _policy is not None and not _policy.may_connect(str(peer)):
+                conn.close()  # no buffer, no task, no descriptor held: refused before a byte is read
+                continue
+            conn.setblocking(False)
+            accept = self._accept_connection2(  # type: ignore[attr-defined]
+                protocol_factory, conn, {"peername": address}, sslcontext, server, *timeouts)
+            self.create_task(accept)
+
+    def _pause_accepting(self, exc: OSError, protocol_factory: Any, sock: socket.socket, *rest: Any) -> None:
+        if time.monotonic() - self._warned_at > 60:
+            self._warned_at = time.monotonic()
+            log.warning("out of %s (limit %d open files): new connections wait in the kernel's queue, accepted"
+                        " again every %g s", exc.strerror, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                        ACCEPT_PAUSE_SECONDS)
+        self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
+        self.call_later(ACCEPT_PAUSE_SECONDS, self._start_serving,  # type: ignore[attr-defined]
+                        protocol_factory, sock, *rest)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        peer = transport.get_extra_info("peername")
-        if _policy is not None and peer and not _policy.may_connect(str(peer[0])):
-            transport.abort()  # no buffer, no task, no descriptor held: refused before a byte is read
-            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio sets TCP_NODELAY only on sockets whose protocol number says TCP, and uvicorn's listening
@@ -73,6 +121,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0
         self._header_count = 0
         self._in_head = True
+        self._pipeline_full = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
 
     def data_received(self, data: bytes) -> None:
@@ -104,6 +153,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         self._head_size += len(name) + len(value) + 4
+        if not self._in_head and (self._head_size > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS):
+            # A chunked body's trailers, which the parser reports as headers: the head's limits hold for both.
+            self._too_large()
+            raise ValueError("request trailers too large")  # stops the parser; the answer is already sent
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -115,16 +168,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        if len(self.pipeline) >= MAX_PIPELINED:
+            # Each read would queue thousands more: the client is not waiting for answers. Those queued are
+            # answered in order, and the last one's answer hangs up; the rest of what was sent is not read.
+            log.warning("a client pipelined more than %d requests; its connection closes", MAX_PIPELINED)
+            self._pipeline_full = True
+            self.cycle.keep_alive = False
+            raise ValueError("too many pipelined requests")  # stops the parser
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if getattr(self, "_head_timer", None) is not None:
-            assert self._head_timer is not None
+        if self._head_timer is not None:
             self._head_timer.cancel()
-        if getattr(self, "transport", None) is None:
-            return  # refused in connection_made: nothing was set up
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
+        if self._pipeline_full:
+            return  # the parser was stopped on purpose; the answers queued come first
         self._refuse(400, b"Bad Request", f"the request could not be read as HTTP: {msg}")
 
     def _arm(self) -> None:
@@ -153,7 +212,7 @@ def uvicorn_settings() -> dict[str, Any]:
         # asyncio's loop, not uvloop: under a burst of 1,000 kept-alive connections uvloop left new ones
         # unaccepted for seconds (4CAT opens one per poll, with a 30 s timeout); asyncio's answered them
         # within half a second, for about 15 % less throughput (bench/connections_bench.py).
-        "loop": "asyncio",
+        "loop": f"{__name__}:GuardedEventLoop",
         "proxy_headers": False,  # access.py decides which forwarded headers to believe
         "server_header": False,
         "backlog": 4096,

@@ -27,8 +27,8 @@ from .http import caller, json_response
 
 log = logging.getLogger(__name__)
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-_BOUNDARY = re.compile(r"boundary=\"?([^\";,]+)\"?")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_BOUNDARY = re.compile(r"boundary=\"?([^\";,]+)\"?", re.IGNORECASE)
 _MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object",
     "properties": {"folder_name": {"type": "string", "description": "the collection; blank: a fresh one"}},
@@ -163,19 +163,28 @@ async def _chunks(reading: Iterator[bytes]) -> AsyncIterator[bytes]:
             close()
 
 
+def _position(digits: str) -> int | None:
+    """A byte position of a range; one past any file where it has more digits than a file's size can
+    (int() refuses numbers past 4,300 digits)."""
+    if not digits:
+        return None
+    return int(digits) if len(digits) <= 19 else 2**63
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """One `bytes=a-b` range as [start, end); None to send the whole file (several ranges, say)."""
     match = _RANGE.fullmatch(header.strip())
     if not match or match.group(1) == match.group(2) == "":
         return None
-    first, last = match.groups()
-    if first == "":
-        length = int(last)
+    first, last = (_position(text) for text in match.groups())
+    if first is None:
+        assert last is not None
+        length = last
         if length == 0:
             raise RangeNotSatisfiable(f"range {header!r} is empty", extra={"size": size})
         return max(size - length, 0), size
-    start = int(first)
-    end = min(int(last) + 1, size) if last else size
+    start = first
+    end = min(last + 1, size) if last is not None else size
     if start >= size or end <= start:
         raise RangeNotSatisfiable(f"range {header!r} is outside the file ({size} bytes)", extra={"size": size})
     return start, end

@@ -15,7 +15,8 @@ from .params import decode_json
 CALLER_KEY = "dsm.caller"  # the client's address after trusted proxies, set by the access middleware
 TRUSTED_PEER_KEY = "dsm.trusted_peer"  # whether the TCP peer is a trusted proxy, set there too
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a job's arguments; far more than the kernel lets a container take
-_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{{1,5}}))?")
 _PREFIX = re.compile(r"(/[A-Za-z0-9._~\-]+)*/?")
 
 
@@ -47,9 +48,11 @@ def base_url(request: Request) -> str:
         scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
         host = _first(request.headers.get("x-forwarded-host")) or host
         prefix = _first(request.headers.get("x-forwarded-prefix")) or prefix
+    scheme = scheme.lower()
     if scheme not in ("http", "https"):
         scheme = "http"
-    if not _HOST.fullmatch(host):
+    valid = _HOST.fullmatch(host)
+    if not valid or (valid.group(1) and int(valid.group(1)) > 65535):
         server = request.scope.get("server") or ("localhost", 4000)
         host = f"{server[0]}:{server[1]}"
     prefix = prefix.strip("/")

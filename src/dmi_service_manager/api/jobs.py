@@ -7,6 +7,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query
@@ -73,7 +74,8 @@ def router(jobs: JobService) -> APIRouter:
 
     @api.get("/api/jobs/{job_id:int}/logs", response_class=StreamingResponse,
              responses={200: {"content": {"text/plain": {}}}, **schemas.errors(400, 404)})
-    async def job_logs(request: Request, job_id: int, tail: int | None = Query(None, ge=0, le=params.MAX_INT),
+    async def job_logs(request: Request, job_id: int,
+                       tail: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
                        follow: str | None = None) -> Response:
         """The container's output while it runs (`follow=1` streams it); the stored output once final."""
         following = (follow or "").lower() in ("1", "true", "yes")
@@ -121,8 +123,10 @@ def router(jobs: JobService) -> APIRouter:
     @api.get("/jobs/", responses={200: {"model": schemas.JobListAnswer}, **schemas.errors(400)})
     @api.get("/jobs", include_in_schema=False)
     @api.get("/api/jobs/", include_in_schema=False)
-    async def list_jobs(current: str | None = None, limit: int | None = Query(None, ge=0, le=params.MAX_INT),
-                        offset: int = Query(0, ge=0, le=params.MAX_INT), order: str | None = None,
+    async def list_jobs(current: str | None = None,
+                        limit: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
+                        offset: Annotated[params.QueryInt, Query(ge=0, le=params.MAX_INT)] = 0,
+                        order: str | None = None,
                         status: str | None = None, service: str | None = None, dataset_key: str | None = None,
                         kind: str | None = None) -> Response:
         """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete;

@@ -1,21 +1,52 @@
 """The one place that reads numbers and JSON out of requests, so that no input reaches a 500.
 
 Numbers: ASCII digits only (`'²'.isdigit()` is true and `int('²')` fails), within what SQLite's
-integers take. JSON: nested at most MAX_DEPTH deep (Python's parser would recurse without end),
-and text that is valid UTF-8 (a lone surrogate cannot be stored or sent back).
+integers take, in the body, the query (`QueryInt`) and the path (the `int` path convertor, replaced
+here). JSON: nested at most MAX_DEPTH deep (Python's parser would recurse without end), numbers that
+fit a float, and text that is valid UTF-8 (a lone surrogate cannot be stored or sent back).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+from starlette.convertors import Convertor, register_url_convertor
 
 from ..errors import BadRequest
 
 MAX_INT = 2**62  # below SQLite's 2**63, with room for arithmetic
 MAX_DEPTH = 64
 _DECIMAL = re.compile(r"[0-9]{1,30}(?:\.[0-9]{1,30})?")
+
+
+class _PathId(Convertor[int]):
+    """`{job_id:int}` in a route: at most 18 ASCII digits. Starlette's own convertor would int() a
+    5,000-digit id, past Python's limit on digits, and answer 500; a longer id matches no route (404)."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("int", _PathId())  # before any router is built: each route compiles its path once
+
+
+def _ascii_digits(value: Any) -> Any:
+    """A query number as written: pydantic alone would take `1_000`, `1.0` or ` 1`."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 19):
+        raise ValueError("must be a whole number written in ASCII digits")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_ascii_digits)]
 
 
 def whole_number(text: str | None, field: str, *, low: int = 0, high: int = MAX_INT) -> int:
@@ -43,7 +74,7 @@ def count(text: str | None, field: str) -> int:
 def decode_json(raw: bytes | bytearray) -> Any:
     """A JSON document, refused with BadRequest when it is malformed, too deep, or not storable text."""
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise BadRequest(f"the JSON body is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as exc:
@@ -73,6 +104,14 @@ def check_json(value: Any) -> None:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """`1e400` would become infinity, which no JSON can hold again."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
 
 
 def _text(text: str) -> None:

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from ..errors import NotFound
 from ..tes.schema import Task
 from ..tes.service import MAX_PAGE_SIZE, TesService
-from . import schemas
+from . import params, schemas
 from .auth import acting
 from .http import json_body, json_response
 
@@ -44,7 +44,8 @@ def router(tes: TesService) -> APIRouter:
     async def list_tasks(request: Request, name_prefix: str | None = None, state: str | None = None,
                          tag_key: Annotated[list[str] | None, Query()] = None,
                          tag_value: Annotated[list[str] | None, Query()] = None,
-                         page_size: int | None = Query(None, ge=1, le=MAX_PAGE_SIZE), page_token: str | None = None,
+                         page_size: Annotated[params.QueryInt | None, Query(ge=1, le=MAX_PAGE_SIZE)] = None,
+                         page_token: str | None = None,
                          view: str | None = None) -> Response:
         answer = await run_in_threadpool(tes.list, name_prefix=name_prefix, state=state,
                                          tag_keys=tag_key or [], tag_values=tag_value or [], page_size=page_size,

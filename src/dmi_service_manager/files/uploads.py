@@ -64,6 +64,9 @@ class UploadResult:
         return body
 
 
+ANSWER_KEYS = ("folder_name", "errors")
+
+
 def is_placeholder(filename: str, field_name: str) -> bool:
     """4CAT's empty `4CAT_<results>_blank.txt`, sent only so that the results folder exists."""
     return filename == f"4CAT_{field_name}_blank.txt"
@@ -120,6 +123,8 @@ class UploadReceiver:
         if filename is None:
             return
         part.filename = _utf8(filename)
+        if part.field_name in ANSWER_KEYS:  # the answer lists files by their field, beside these keys
+            raise BadRequest(f"a file's field may not be named {part.field_name!r}: the answer uses that key")
         part.folder = split_path(part.field_name, f"field name {part.field_name!r}")
         if is_placeholder(part.filename, part.field_name):
             part.placeholder = True
@@ -190,18 +195,21 @@ class UploadReceiver:
     # -- the request
 
     async def receive(self, boundary: bytes, chunks: AsyncIterator[bytes]) -> None:
-        parser = MultipartParser(
-            boundary,
-            callbacks={
-                "on_part_begin": self._on_part_begin,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": self._on_headers_finished,
-            },
-        )
+        try:
+            parser = MultipartParser(
+                boundary,
+                callbacks={
+                    "on_part_begin": self._on_part_begin,
+                    "on_part_data": self._on_part_data,
+                    "on_part_end": self._on_part_end,
+                    "on_header_field": self._on_header_field,
+                    "on_header_value": self._on_header_value,
+                    "on_header_end": self._on_header_end,
+                    "on_headers_finished": self._on_headers_finished,
+                },
+            )
+        except Exception as exc:  # a boundary the parser refuses (longer than 256 bytes, say)
+            raise BadRequest(f"the multipart boundary is not usable: {exc}") from None
         async for chunk in chunks:
             self.received += len(chunk)
             if self.received > self.max_bytes:

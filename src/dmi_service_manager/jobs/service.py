@@ -36,7 +36,8 @@ def parse_json_path(text: Any) -> list[str | int]:
         raise BadRequest("details_key must be a JSON path starting with $, such as $.request_json.4CAT_dataset_key")
     keys: list[str | int] = []
     rest = text[1:]
-    pattern = re.compile(r"""\.([^.\[\]]+)|\[\s*(\d+)\s*\]|\[\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')\s*\]""")
+    pattern = re.compile(r"""\.([^.\[\]]+)|\[\s*([0-9]{1,18})\s*\]"""  # an index: at most 18 ASCII digits
+                         r"""|\[\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')\s*\]""")
     while rest:
         match = pattern.match(rest)
         if not match:

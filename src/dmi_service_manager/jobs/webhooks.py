@@ -30,10 +30,15 @@ def callback_refusal(url: Any, config: Config) -> str | None:
     """Why this callback_url may not be called, or None: http(s) to a host on CALLBACK_ALLOWED_HOSTS only."""
     if not isinstance(url, str):
         return "callback_url must be a string"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  (a port out of range raises here, not later at delivery)
+    except ValueError as exc:  # a malformed IPv6 literal, a netloc that NFKC changes, ...
+        return f"callback_url is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https") or not host:
         return "callback_url must be an http(s) URL"
-    if parts.hostname.lower() not in {h.lower() for h in config.callback_allowed_hosts}:
+    if host.lower() not in {h.lower() for h in config.callback_allowed_hosts}:
         return f"callback_url host {parts.hostname!r} is not in CALLBACK_ALLOWED_HOSTS on this server"
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import secrets
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,7 +22,7 @@ from ..jobs.store import NewJob, Store, TaskFilter
 from .images import image_allowed
 from .schema import Task, has_wildcard, parse_task
 from .states import STATES, state_of
-from .transfer import FileRoots, HttpPolicy, scheme_of
+from .transfer import FileRoots, HttpPolicy, check_syntax, scheme_of
 from .workload import rfc3339
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ BACKEND_PARAMETERS = ("gpus", "gpu_memory", "timeout")
 DEFAULT_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 2048
 VIEWS = ("MINIMAL", "BASIC", "FULL")
+_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")  # ASCII digits: float() would take 1_0 or inf
 
 
 def _package_version() -> str:
@@ -72,8 +74,10 @@ class TesService:
                                  extra={"field": field})
         for index, item in enumerate(task.inputs):
             if item.content is None and item.url:
+                check_syntax(item.url, f"inputs[{index}].url")
                 self._check_input(index, item.url, item.type)
         for index, output in enumerate(task.outputs):
+            check_syntax(output.url, f"outputs[{index}].url")
             if scheme_of(output.url) == "file":
                 directory = output.type == "DIRECTORY" or has_wildcard(output.path)
                 self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, f"outputs[{index}].url")
@@ -191,11 +195,9 @@ def _backend_problem(name: str, value: str) -> str | None:
         except ValueError:
             return "a size such as 8GiB"
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0
-    return None if 0 < seconds < 10**8 else "a positive number of seconds"
+    if not _SECONDS.fullmatch(value):
+        return "a positive number of seconds"
+    return None if 0 < float(value) < 10**8 else "a positive number of seconds"
 
 
 def _view(view: str | None) -> str:

@@ -34,6 +34,19 @@ class TransferFailed(Exception):
     """An input could not be fetched, or an output not stored; the message says why, for the task's log."""
 
 
+def check_syntax(url: str, field: str) -> None:
+    """A BadRequest for a URL that urllib cannot take apart (a malformed IPv6 literal, a host that NFKC
+    normalisation changes, a port out of range), so that every later urlsplit of it is safe."""
+    if url.startswith("/"):
+        return
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018  (each of these parses lazily, and may raise)
+        parts.port  # noqa: B018
+    except ValueError as exc:
+        raise BadRequest(f"{field}: {url[:200]!r} is not a valid URL: {exc}", extra={"field": field}) from None
+
+
 def scheme_of(url: str) -> str:
     """The URL's scheme; a bare absolute path (which the spec allows) is a file."""
     if url.startswith("/"):
