@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from dmi_service_manager.access import AccessPolicy
-from dmi_service_manager.serving import HEAD_SECONDS, MAX_HEAD_BYTES, MAX_PIPELINED
+from dmi_service_manager.serving import BODY_IDLE_SECONDS, HEAD_SECONDS, MAX_HEAD_BYTES, MAX_PIPELINED
 from support import ROOT, Server, base_config, containers_of, wait_until
 
 
@@ -398,6 +398,17 @@ def test_a_refused_request_is_answered_and_the_connection_closed(make_server: Ca
         answered = _closed_after_answer(sock, more)
     # One answer: the refusal (or, for trailers past the head's limits, the 431 that may come first), then EOF.
     assert answered.count(b"HTTP/1.1 ") == 1 and answered[9:12] in (b"403", b"431"), answered[:200]
+
+
+def test_a_body_that_stops_arriving_is_cut_with_408_and_nothing_is_stored(server: Server) -> None:
+    before = server.get("/jobs/").json()["jobs"]
+    started = time.monotonic()
+    payload = (b"POST /api/fake_local HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 100\r\n\r\n{\"args\": [")
+    code, body = _status_and_json(_raw(server.port, payload, wait=BODY_IDLE_SECONDS + 15))
+    assert code == 408 and "body" in body["message"]
+    assert BODY_IDLE_SECONDS - 1 < time.monotonic() - started < BODY_IDLE_SECONDS + 10
+    assert server.get("/jobs/").json()["jobs"] == before
 
 
 def test_trailers_count_against_the_head_limits(server: Server) -> None:

@@ -8,6 +8,8 @@ out of descriptors it pauses accepting and says so once. The protocol, per conne
 - caps the bytes and the count of a request's head and trailers (431), and gives the head a deadline
   from its first byte (408);
 - caps the requests pipelined behind one not yet answered: a client that sends more is disconnected;
+- cuts a body that stops arriving for BODY_IDLE_SECONDS (408), as nginx's client_body_timeout does; a slow
+  body that keeps moving, or one the server itself has stopped reading, is never cut;
 - answers every request it cannot parse with the usual JSON error body.
 The process's descriptor limit is raised to its hard limit at start-up, and the limits are logged.
 """
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_HEADERS = 100
 HEAD_SECONDS = 10.0  # from a request's first byte to the end of its headers
+BODY_IDLE_SECONDS = 30.0  # between two reads of a request's body
 MAX_PIPELINED = 32  # requests a client may send ahead of the answers (browsers send none)
 ACCEPT_PAUSE_SECONDS = 1.0  # out of descriptors: how long accepting waits before it tries again
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -122,9 +125,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._in_head = True
         self._pipeline_full = False
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_seen = 0.0
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(HEAD_SECONDS, self._head_too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if self._body_timer is not None:
+            self._body_seen = self.loop.time()
         # Counted as it arrives, checked once the parser has seen it (a read may hold the head and a body):
         # what an unfinished head can hold is one read past the limit.
         counting = self._in_head
@@ -175,10 +182,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._pipeline_full = True
             self.cycle.keep_alive = False
             raise ValueError("too many pipelined requests")  # stops the parser
+        if any(name in (b"content-length", b"transfer-encoding") and value.strip() != b"0"
+               for name, value in self.headers):
+            self._body_seen = self.loop.time()
+            self._body_timer = self.loop.call_later(BODY_IDLE_SECONDS, self._body_idle)
+
+    def on_message_complete(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().on_message_complete()
+
+    def _body_idle(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the server stopped reading (its own backpressure): not the client's delay
+            self._body_seen = self.loop.time()
+        idle = self.loop.time() - self._body_seen
+        if idle < BODY_IDLE_SECONDS:
+            self._body_timer = self.loop.call_later(BODY_IDLE_SECONDS - idle, self._body_idle)
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # an answer is under way: a second one cannot follow it
+        else:
+            self._refuse(408, b"Request Timeout", f"the request's body sent nothing for {BODY_IDLE_SECONDS:g} s")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
