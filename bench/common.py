@@ -268,8 +268,8 @@ class CpuSplit:
     processes, and everything else (the Docker engine, containerd, runc and the kernel's work for them).
     On a machine whose CPUs are all busy, each of them takes time from the others."""
 
-    def __init__(self, server_pid: int | None) -> None:
-        self.server = process_tree(server_pid) if server_pid else []
+    def __init__(self, server_pid: int) -> None:
+        self.server = process_tree(server_pid)
         self.client = self.server_cpu = self.other = self.wall = 0.0
 
     def __enter__(self) -> CpuSplit:

@@ -146,12 +146,12 @@ def segments(start: float, events: dict[str, float], end: float) -> dict[str, fl
     return dict(zip(names, values, strict=True))
 
 
-def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> float:
+def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> None:
     """The issue's 40 trivial jobs: `concurrency` clients, each submits one job and polls it every 50 ms until
     final, then the next; beside as many threads of containers.run(..., remove=True). Docker's events give the
     breakdown, /proc the CPU each side used. The two alternate for `rounds` rounds (which goes first alternates
     too), and the verdict is the median of the rounds' ratios: this machine's disk and CPU drift by more than
-    the difference measured. Returns that median."""
+    the difference measured."""
     client = docker.from_env()
     with workdir("dsm-bench-paced-") as folder, dsm_server(folder, MAX_CONCURRENT_JOBS=concurrency,
                     DOCKER_ENDPOINTS={"noop": SERVICE}) as (url, server):
@@ -225,7 +225,6 @@ def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> flo
           ], header=("who", "dmi-service-manager", "containers.run", "note"))
     for line in first_problems:
         print(f"server log: {line}")
-    return ratio
 
 
 def _paced_ours(client: docker.DockerClient, url: str, instance: str, count: int,

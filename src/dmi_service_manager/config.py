@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +36,16 @@ _SIZE_UNITS = {
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
+
+
+def split_url(url: str) -> SplitResult:
+    """A URL taken apart, its host and port included: urllib parses those lazily and raises ValueError for a
+    malformed IPv6 literal, a host that NFKC normalisation changes or a port out of range. Raised here, at
+    once, every later use of the parts is safe."""
+    parts = urlsplit(url)
+    parts.hostname  # noqa: B018
+    parts.port  # noqa: B018
+    return parts
 
 
 def parse_size(value: Any) -> int:

@@ -12,11 +12,10 @@ import logging
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
-from ..config import Config
+from ..config import Config, split_url
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -31,15 +30,14 @@ def callback_refusal(url: Any, config: Config) -> str | None:
     if not isinstance(url, str):
         return "callback_url must be a string"
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018  (a port out of range raises here, not later at delivery)
-    except ValueError as exc:  # a malformed IPv6 literal, a netloc that NFKC changes, ...
+        parts = split_url(url)
+    except ValueError as exc:
         return f"callback_url is not a valid URL: {exc}"
+    host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
         return "callback_url must be an http(s) URL"
     if host.lower() not in {h.lower() for h in config.callback_allowed_hosts}:
-        return f"callback_url host {parts.hostname!r} is not in CALLBACK_ALLOWED_HOSTS on this server"
+        return f"callback_url host {host!r} is not in CALLBACK_ALLOWED_HOSTS on this server"
     return None
 
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 
+from ..config import split_url
 from ..errors import BadRequest, DsmError
 from ..files.storage import Parts, Storage, disk_full_is_507, split_path
 
@@ -35,14 +36,11 @@ class TransferFailed(Exception):
 
 
 def check_syntax(url: str, field: str) -> None:
-    """A BadRequest for a URL that urllib cannot take apart (a malformed IPv6 literal, a host that NFKC
-    normalisation changes, a port out of range), so that every later urlsplit of it is safe."""
+    """A BadRequest for a URL that urllib cannot take apart, so that every later urlsplit of it is safe."""
     if url.startswith("/"):
         return
     try:
-        parts = urlsplit(url)
-        parts.hostname  # noqa: B018  (each of these parses lazily, and may raise)
-        parts.port  # noqa: B018
+        split_url(url)
     except ValueError as exc:
         raise BadRequest(f"{field}: {url[:200]!r} is not a valid URL: {exc}", extra={"field": field}) from None
 
