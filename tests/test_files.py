@@ -351,3 +351,163 @@ def test_with_upload_fsync_files_are_synced_and_stored(make_server: Callable[...
                                files=[("4cat_uploads", ("a.bin", b"durable"))])
         assert response.status_code == 200
     assert (tmp_path / "uploads" / "synced" / "4cat_uploads" / "a.bin").read_bytes() == b"durable"
+
+
+# -- what a job can do to the upload folder: remote services' containers see all of it, and write anywhere
+
+
+def test_a_symlink_planted_as_the_staging_folder_is_never_followed(server: Server, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "important.txt").write_text(SECRET)
+    (victim / "keep" / "also.txt").write_text(SECRET)
+    staging = tmp_path / "uploads" / ".dsm-staging"
+    subprocess.run(["rm", "-rf", str(staging)], check=True)
+    staging.symlink_to(victim)  # what `ln -s` in a job does
+    upload = server.post("/api/send_files", data={"folder_name": "s1"}, files={"4cat_uploads": ("a.txt", b"hello")})
+    assert upload.status_code == 200 and upload.json()["4cat_uploads"] == ["a.txt"]
+    assert (tmp_path / "uploads" / "s1" / "4cat_uploads" / "a.txt").read_bytes() == b"hello"
+    assert staging.is_dir() and not staging.is_symlink()  # made again, a real folder
+    subprocess.run(["rm", "-rf", str(staging)], check=True)
+    staging.symlink_to(victim)
+    seen = server.log().count("was not a folder")
+    wait_until(lambda: server.log().count("was not a folder") > seen, 15, what="the periodic staging sweep")
+    assert sorted(p.relative_to(victim).as_posix() for p in victim.rglob("*")) == [
+        "important.txt", "keep", "keep/also.txt"]  # nothing removed, nothing written there
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("intrusion", ["removed", "a file", "a file, then removed"])
+def test_uploads_go_on_whatever_a_job_made_of_the_staging_folder(server: Server, tmp_path: Path,
+                                                                 intrusion: str) -> None:
+    staging = tmp_path / "uploads" / ".dsm-staging"
+    for index in range(4):  # each worker, whichever answers
+        subprocess.run(["rm", "-rf", str(staging)], check=True)
+        if intrusion.startswith("a file"):
+            staging.write_text("in the way")
+        if intrusion.endswith("removed"):
+            staging.unlink(missing_ok=True)
+        upload = server.post("/api/send_files", data={"folder_name": "s2"},
+                             files={"4cat_uploads": (f"f{index}.txt", b"x")})
+        assert upload.status_code == 200, upload.text
+    assert sorted(p.name for p in (tmp_path / "uploads" / "s2" / "4cat_uploads").iterdir()) == [
+        "f0.txt", "f1.txt", "f2.txt", "f3.txt"]
+
+
+def test_names_the_routes_cannot_carry_are_not_listed(server: Server, tmp_path: Path) -> None:
+    """A job can name a file with any bytes; a listing shows only what a download can then fetch."""
+    folder = tmp_path / "uploads" / "odd" / "results"
+    folder.mkdir(parents=True)
+    for raw in (b"caf\xe9.json", b"tab\tname.json", b"esc\x1b.json", b"back\\slash.json", b"fine.json"):
+        with open(os.fsencode(folder) + b"/" + raw, "wb"):
+            pass
+    os.mkdir(os.fsencode(tmp_path / "uploads") + b"/bad\xffcol")
+    listing = server.get("/api/list_filenames/odd")
+    assert listing.status_code == 200 and listing.json() == {".": [], "results": ["fine.json"]}
+    assert server.get("/api/list_files", params={"folder_name": "odd/results"}).json() == {".": ["fine.json"]}
+    collections = server.get("/api/collections")
+    assert collections.status_code == 200 and "odd" in [c["name"] for c in collections.json()["collections"]]
+    for name in listing.json()["results"]:
+        assert server.get(f"/api/download/odd/results/{name}").status_code == 200
+
+
+def _deep_tree(top: Path, depth: int, mtime: float, leaf_mtime: float) -> None:
+    """`depth` nested folders and a file at the bottom, made through descriptors (the path is longer
+    than PATH_MAX); the folders modified at `mtime`, the file at `leaf_mtime`."""
+    times = (mtime, mtime)
+    top.mkdir(parents=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.utime(fd, times)
+            os.close(fd)
+            fd = child
+        with open(os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as leaf:
+            leaf.write("x")
+            leaf.flush()
+            os.utime(leaf.fileno(), (leaf_mtime, leaf_mtime))
+        os.utime(fd, times)
+    finally:
+        os.close(fd)
+
+
+def test_a_tree_thousands_of_levels_deep_is_listed_measured_and_removed(make_server: Callable[..., Server],
+                                                                      tmp_path: Path,
+                                                                      request: pytest.FixtureRequest) -> None:
+    uploads = tmp_path / "uploads"
+    long_ago = time.time() - 30 * 86400
+    _deep_tree(uploads / "deep", 3000, long_ago, time.time())  # old but for its bottom file
+    _deep_tree(uploads / "old-deep", 1500, long_ago, long_ago)
+    # pytest's own clean-up of tmp_path recurses: whatever happens here, the trees go
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(uploads / "deep"), str(uploads / "old-deep")]))
+    server = make_server(base_config(tmp_path, RETENTION_DAYS=7))
+    listing = server.get("/api/list_filenames/deep")
+    assert listing.status_code == 200
+    keys = list(listing.json())
+    assert max(len(k.encode()) for k in keys) < 4096 and len(keys) > 1000  # what a request could name
+    collections = server.get("/api/collections")
+    assert collections.status_code == 200
+    # deep's newest file sits at the bottom, past any path a request can name, and still counts
+    wait_until(lambda: not (uploads / "old-deep").exists(), 20, what="retention to remove the old deep tree")
+    assert (uploads / "deep").exists()
+    assert server.delete("/api/files/deep").status_code == 200
+    assert not (uploads / "deep").exists()
+    time.sleep(1)
+    assert "Traceback" not in server.log()
+
+
+def test_a_file_that_cannot_be_placed_is_refused_alone(server: Server, tmp_path: Path) -> None:
+    (tmp_path / "uploads" / "s3" / "f" / "dir.txt").mkdir(parents=True)  # a folder where a file would go
+    files = [("f", ("ok1.txt", b"1")), ("f", ("dir.txt", b"2")), ("f", ("ok2.txt", b"3"))]
+    response = server.post("/api/send_files", data={"folder_name": "s3"}, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["f"] == ["ok1.txt", "ok2.txt"] and "is a folder" in body["errors"]["dir.txt"]
+    assert (tmp_path / "uploads" / "s3" / "f" / "ok2.txt").read_bytes() == b"3"
+
+
+def test_the_first_folder_name_counts_and_extensions_are_the_stored_names(make_server: Callable[..., Server],
+                                                                         tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, ALLOWED_EXTENSIONS=["txt", "tar.gz"]))
+    twice = requests.post(f"{server.url}/api/send_files", data=[("folder_name", "first"), ("folder_name", "second")],
+                          files={"4cat_uploads": ("a.txt", b"x")}, timeout=30)
+    assert twice.json()["folder_name"] == "first"  # as Flask's request.form.get() read it
+    names = [".txt", "_.txt", "..txt", "a.tar.gz", "b.TXT", "c.gz"]
+    response = server.post("/api/send_files", data={"folder_name": "ext"},
+                           files=[("4cat_uploads", (name, b"x")) for name in names])
+    body = response.json()
+    assert response.status_code == 200 and body["4cat_uploads"] == ["a.tar.gz", "b.TXT"]
+    assert set(body["errors"]) == {".txt", "_.txt", "..txt", "c.gz"}  # stored as `txt`: no extension left
+    assert sorted(p.name for p in (tmp_path / "uploads" / "ext" / "4cat_uploads").iterdir()) == ["a.tar.gz", "b.TXT"]
+
+
+# -- downloads as HTTP says
+
+
+def test_ranges_and_conditions_on_downloads_follow_rfc_9110(server: Server, tmp_path: Path) -> None:
+    folder = tmp_path / "uploads" / "h" / "r"
+    folder.mkdir(parents=True)
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "ten.txt").write_bytes(b"0123456789")
+    url = "/api/download/h/r/ten.txt"
+    empty = server.get("/api/download/h/r/empty.txt", headers={"Range": "bytes=-5"})
+    assert empty.status_code == 200 and empty.content == b"" and "Content-Range" not in empty.headers
+    zeros = server.get(url, headers={"Range": "bytes=" + "0" * 40 + "1-2"})
+    assert zeros.status_code == 206 and zeros.content == b"12"
+    past = server.get(url, headers={"Range": "bytes=20-"})
+    assert past.status_code == 416 and past.headers["Content-Range"] == "bytes */10" and past.json()["reason"]
+    whole = server.get(url)
+    etag, modified = whole.headers["ETag"], whole.headers["Last-Modified"]
+    assert server.get(url, headers={"If-None-Match": "*"}).status_code == 304
+    assert server.get(url, headers={"If-None-Match": f'"x", W/{etag}'}).status_code == 304
+    assert server.get(url, headers={"If-Modified-Since": modified}).status_code == 304
+    assert server.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 200
+    assert server.get(url, headers={"If-Modified-Since": "not a date"}).status_code == 200
+    refused = server.get(url, headers={"If-Match": '"nope"'})
+    assert refused.status_code == 412 and refused.json()["reason"]
+    assert server.get(url, headers={"If-Match": etag}).status_code == 200
+    assert server.get(url, headers={"If-Unmodified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 412
+    wrong = server.post(url)
+    assert wrong.status_code == 405 and "GET" in wrong.headers["Allow"] and wrong.json()["reason"]

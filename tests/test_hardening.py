@@ -37,13 +37,6 @@ def assert_json_error(response: requests.Response, status: int) -> dict[str, Any
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [
-    ("POST", "/status_update/?key=1&status=running&processed_records=inf", None),
-    ("POST", "/status_update/?key=1&status=running&processed_records=nan", None),
-    ("POST", "/status_update/?key=1&status=running&num_records=1e999", None),
-    ("POST", "/status_update/?key=99999999999999999999999&status=running", None),
-    ("POST", "/status_update/?key=%C2%B2&status=running", None),  # '²': isdigit() is true, int() fails
-    ("POST", "/status_update/?key=%D9%A1&status=running", None),  # an Arabic-Indic one
-    ("POST", "/status_update/?key=-1&status=running", None),
     ("GET", "/jobs/?limit=99999999999999999999999", None),
     ("GET", "/api/jobs/?limit=1&offset=99999999999999999999999", None),
     ("GET", "/jobs/?limit=-1", None),
@@ -81,14 +74,34 @@ def test_malformed_numbers_and_json_are_400_never_500(server: Server, method: st
     assert server.get("/jobs/").json()["jobs"] == before  # nothing was stored
 
 
-def test_a_file_name_longer_than_the_file_system_takes_is_400_and_nothing_is_written(server: Server,
-                                                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize("query", [
+    "key=1&status=running&processed_records=inf",
+    "key=1&status=running&processed_records=nan",
+    "key=1&status=running&num_records=1e999",
+    "key=99999999999999999999999&status=running",
+    "key=%C2%B2&status=running",  # '²': isdigit() is true, int() fails
+    "key=%D9%A1&status=running",  # an Arabic-Indic one
+    "key=-1&status=running",
+    "key=abc&status=running",
+    "key=424242&status=running",  # no such job
+])
+def test_progress_that_cannot_be_applied_is_a_200_that_changes_nothing(server: Server, query: str) -> None:
+    """The protocol: missing key or status is a 400, anything else a 200 (services do not expect more)."""
+    before = server.get("/jobs/").json()["jobs"]
+    response = requests.post(f"{server.url}/status_update/?{query}", timeout=30)
+    assert response.status_code == 200 and response.json() == {"status": "success"}
+    assert server.get("/jobs/").json()["jobs"] == before
+
+
+def test_a_file_name_longer_than_the_file_system_takes_is_refused_alone(server: Server, tmp_path: Path) -> None:
+    """As every refused file: a 200 whose `errors` names it, and the other files of the request are kept."""
     name = "a" * 300 + ".txt"
     response = server.post("/api/send_files", data={"folder_name": "c1"},
-                           files={"4cat_uploads": (name, b"hello")})
-    assert "255 bytes" in assert_json_error(response, 400)["message"]
-    assert not (tmp_path / "uploads" / "c1" / "4cat_uploads").exists() or \
-        not any((tmp_path / "uploads" / "c1" / "4cat_uploads").iterdir())
+                           files=[("4cat_uploads", (name, b"hello")), ("4cat_uploads", ("ok.txt", b"fine"))])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "255 bytes" in body["errors"][name] and body["4cat_uploads"] == ["ok.txt"]
+    assert sorted(p.name for p in (tmp_path / "uploads" / "c1" / "4cat_uploads").iterdir()) == ["ok.txt"]
 
 
 def test_too_many_parts_in_one_upload_is_413_and_keeps_nothing(server: Server, tmp_path: Path) -> None:
@@ -241,8 +254,9 @@ def test_refused_hosts_are_dropped_when_they_connect_but_proxies_and_loopback_ge
 def test_only_the_progress_route_itself_is_open_to_loopback(make_server: Callable[..., Server],
                                                             tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"]))
-    assert server.post("/status_update/?key=424242&status=running").status_code == 404  # let in; no such job
-    assert server.post("/status_update?key=424242&status=running").status_code == 404
+    assert server.post("/status_update/?key=424242&status=running").status_code == 200  # let in; no such job
+    assert server.post("/status_update?key=424242&status=running").status_code == 200
+    assert_json_error(server.get("/status_update/?key=424242&status=running"), 403)  # the exemption is the POST
     for path in ("/status_update_x", "/status_update/../api/", "/status_updates/", "/status_update/x"):
         assert_json_error(requests.post(server.url + path, timeout=30), 403)
     assert_json_error(server.get("/api/"), 403)

@@ -17,7 +17,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Containers post progress to /status_update/ from the host itself (host networking): exactly that
 # route, from loopback, is open whatever IP_WHITELIST says.
-LOOPBACK_PATHS = frozenset({"/status_update", "/status_update/"})
+LOOPBACK_ROUTES = frozenset({("POST", "/status_update"), ("POST", "/status_update/")})
 
 
 def _networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -83,16 +83,16 @@ class AccessPolicy:
             current = previous
         return Caller(address=str(current))
 
-    def allows(self, address: str, path: str, peer: str | None = None) -> bool:
-        """Whether the caller (`address`, after trusted proxies) may use `path`. The progress route's
-        exemption needs both the caller and the TCP peer on loopback: a proxy's own loopback is another
-        host's."""
+    def allows(self, address: str, path: str, peer: str | None = None, method: str = "POST") -> bool:
+        """Whether the caller (`address`, after trusted proxies) may send `method` to `path`. The exemption
+        is the progress route exactly (a POST), and needs both the caller and the TCP peer on loopback: a
+        proxy's own loopback is another host's."""
         if not self.whitelist:
             return True
         parsed = _address(address)
         if parsed is None:
             return False
-        if parsed.is_loopback and path in LOOPBACK_PATHS and (peer is None or is_loopback(peer)):
+        if parsed.is_loopback and (method, path) in LOOPBACK_ROUTES and (peer is None or is_loopback(peer)):
             return True
         return any(parsed in net for net in self.whitelist)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from .api.auth import Gate, TokenMiddleware
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
-from .errors import DsmError
+from .errors import BadRequest, DsmError
 from .metrics import HttpMetrics, Metrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,25 @@ HOT_PATHS = ("/api/send_files", "/api/jobs/{job_id:int}", "/status_update/", "/a
              "/api/download/{path:path}")
 
 
+def path_problem(raw_path: bytes) -> str | None:
+    """Why no route may see this path, or None. Routes match with `$`, which also matches before a final
+    newline (`/api/download/a.txt%0A` would serve a.txt), and uvicorn turns bytes that are not UTF-8
+    into U+FFFD (`%FF.json` would serve a file named that way)."""
+    if raw_path.isascii() and b"%" not in raw_path:
+        return None
+    decoded = unquote_to_bytes(raw_path)
+    if any(byte < 0x20 or byte == 0x7F for byte in decoded):
+        return "the path must not contain control characters"
+    try:
+        decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the path must be valid UTF-8"
+    return None
+
+
 class AccessMiddleware:
-    """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing."""
+    """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing; then a path that no
+    route could read as sent is refused."""
 
     def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
         self.app = app
@@ -60,12 +78,16 @@ class AccessMiddleware:
         who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
         scope[CALLER_KEY] = who.address
         scope[TRUSTED_PEER_KEY] = self.policy.peer_is_trusted(peer)
-        if not self.policy.allows(who.address, scope["path"], peer):
+        if not self.policy.allows(who.address, scope["path"], peer, scope["method"]):
             log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
             response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
             # and hang up: what else it sends (a body, trailers, pipelined requests) is not read or kept
             response.headers["connection"] = "close"
             await response(scope, receive, send)
+            return
+        problem = path_problem(scope.get("raw_path") or scope["path"].encode())
+        if problem:
+            await json_response(BadRequest(problem).body(), 400)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -76,7 +98,9 @@ def _error_body(status: int, message: str) -> Response:
 
 async def _dsm_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DsmError)
-    return json_response(exc.body(), exc.status_code)
+    response = json_response(exc.body(), exc.status_code)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -84,7 +108,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     message = {404: f"Not found: {request.url.path}", 405: f"Method {request.method} not allowed here"}.get(
         exc.status_code, str(exc.detail)
     )
-    return _error_body(exc.status_code, message)
+    response = _error_body(exc.status_code, message)
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

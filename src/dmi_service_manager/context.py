@@ -137,6 +137,8 @@ class AppContext:
                     sweep_expired(self.files.storage, self.config.retention_days, self.jobs.collections_in_use)
                 except (DsmError, OSError) as exc:
                     log.error("retention sweep failed: %s", exc)
+                except Exception:  # whatever a job made of the folder, housekeeping goes on
+                    log.exception("retention sweep failed")
             if self._stop.wait(STAGING_SWEEP_SECONDS):
                 return
             # Again soon after taking over: the workers of a killed server die a moment after it, and the
@@ -150,6 +152,9 @@ class AppContext:
             swept = self.files.storage.sweep_staging()
         except OSError as exc:
             log.error("sweeping the upload staging folder failed: %s", exc)
+            return
+        except Exception:  # whatever a job made of the folder, housekeeping goes on
+            log.exception("sweeping the upload staging folder failed")
             return
         if swept:
             log.warning("removed %d half-written upload(s) left by a process that died", swept)

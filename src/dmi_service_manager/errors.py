@@ -15,10 +15,12 @@ class DsmError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, extra: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra or {}
+        self.headers = headers or {}  # sent with the error body (a 416's Content-Range)
 
     def body(self) -> dict[str, Any]:
         return {"status": "error", "message": self.message, "reason": self.message, **self.extra}
@@ -54,6 +56,10 @@ class Conflict(DsmError):
 
 class PayloadTooLarge(DsmError):
     status_code = 413
+
+
+class PreconditionFailed(DsmError):
+    status_code = 412
 
 
 class RangeNotSatisfiable(DsmError):

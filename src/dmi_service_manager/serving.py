@@ -6,7 +6,7 @@ deadline, and answers a request it cannot parse in plain text. The event loop he
 itself (a trusted proxy or loopback gets as far as the request, where the full access rule applies), and
 out of descriptors it pauses accepting and says so once. The protocol, per connection:
 - caps the bytes and the count of a request's head and trailers (431), and gives the head a deadline
-  from its first byte (408);
+  from its first byte (408); a head with several Host headers is refused (400);
 - caps the requests pipelined behind one not yet answered: a client that sends more is disconnected;
 - cuts a body that stops arriving for BODY_IDLE_SECONDS (408), as nginx's client_body_timeout does; a slow
   body that keeps moving, or one the server itself has stopped reading, is never cut;
@@ -171,6 +171,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_size > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS:
             self._too_large()
             raise ValueError("request head too large")  # stops the parser; the answer is already sent
+        if sum(name == b"host" for name, _ in self.headers) > 1:  # which one names us? (RFC 9112 3.2)
+            self._refuse(400, b"Bad Request", "a request must carry one Host header, not several")
+            raise ValueError("several Host headers")
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..access import LOOPBACK_PATHS, is_loopback
+from ..access import LOOPBACK_ROUTES, is_loopback
 from ..errors import DsmError, Forbidden, Unauthorized
 from ..tokens import NEEDS_TOKEN, Principal, Tokens
 from .http import CALLER_KEY, json_response
@@ -52,7 +52,7 @@ class Gate:
             return False
         if not self.require_token or path in OPEN_PAGES or path.startswith(OPEN_PREFIXES):
             return True
-        return path in LOOPBACK_PATHS and is_loopback(address)
+        return (method, path) in LOOPBACK_ROUTES and is_loopback(address)
 
 
 def _route_path(scope: Scope) -> str:

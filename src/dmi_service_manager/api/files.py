@@ -17,7 +17,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BadRequest, RangeNotSatisfiable
+from ..errors import BadRequest, PreconditionFailed, RangeNotSatisfiable
 from ..files.service import FileService
 from ..files.storage import OpenFile
 from ..metrics import transferred
@@ -86,7 +86,7 @@ def router(files: FileService) -> APIRouter:
 
     @api.api_route("/api/download/{path:path}", methods=["GET", "HEAD"], response_class=StreamingResponse,
                    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a range"},
-                              304: {"description": "not modified"}, **schemas.errors(400, 404, 416)})
+                              304: {"description": "not modified"}, **schemas.errors(400, 404, 412, 416)})
     @api.api_route("/api/uploads/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
     async def download(request: Request, path: str) -> Response:
         opened, name = await run_in_threadpool(files.open, path)
@@ -129,8 +129,12 @@ def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
         "X-Content-Type-Options": "nosniff",
     }
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    if etag in (request.headers.get("if-none-match") or ""):
+    precondition = _preconditions(request, etag, opened.mtime)
+    if precondition is not None:
         opened.close()
+        if precondition == 412:
+            raise PreconditionFailed("the file is not the version the request's If-Match or If-Unmodified-Since"
+                                     " names")
         return Response(status_code=304, headers=headers)
     start, end = 0, opened.size
     status = 200
@@ -163,28 +167,58 @@ async def _chunks(reading: Iterator[bytes]) -> AsyncIterator[bytes]:
             close()
 
 
+def _preconditions(request: Request, etag: str, mtime: float) -> int | None:
+    """RFC 9110's conditional requests in its order: 412 or 304 when one decides, else None. Dates have
+    whole seconds, as Last-Modified does."""
+    def tags(header: str) -> list[str]:
+        return [tag.strip().removeprefix("W/") for tag in header.split(",")]
+
+    def date(header: str) -> float | None:
+        try:
+            return email.utils.parsedate_to_datetime(header).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None  # an invalid date is ignored (RFC 9110 13.1.3)
+
+    if_match, if_unmodified = request.headers.get("if-match"), request.headers.get("if-unmodified-since")
+    if if_match is not None:
+        if "*" not in tags(if_match) and etag not in tags(if_match):
+            return 412
+    elif if_unmodified is not None and (since := date(if_unmodified)) is not None and int(mtime) > since:
+        return 412
+    if_none_match, if_modified = request.headers.get("if-none-match"), request.headers.get("if-modified-since")
+    if if_none_match is not None:
+        if "*" in tags(if_none_match) or etag in tags(if_none_match):
+            return 304
+    elif if_modified is not None and (since := date(if_modified)) is not None and int(mtime) <= since:
+        return 304
+    return None
+
+
 def _position(digits: str) -> int | None:
     """A byte position of a range; one past any file where it has more digits than a file's size can
-    (int() refuses numbers past 4,300 digits)."""
+    (int() refuses numbers past 4,300 digits). Leading zeros count for nothing."""
     if not digits:
         return None
+    digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 19 else 2**63
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """One `bytes=a-b` range as [start, end); None to send the whole file (several ranges, say)."""
     match = _RANGE.fullmatch(header.strip())
-    if not match or match.group(1) == match.group(2) == "":
-        return None
+    if not match or match.group(1) == match.group(2) == "" or size == 0:
+        return None  # an empty file has no range to send: it is sent whole
     first, last = (_position(text) for text in match.groups())
     if first is None:
         assert last is not None
         length = last
         if length == 0:
-            raise RangeNotSatisfiable(f"range {header!r} is empty", extra={"size": size})
+            raise RangeNotSatisfiable(f"range {header!r} is empty", extra={"size": size},
+                                      headers={"Content-Range": f"bytes */{size}"})
         return max(size - length, 0), size
     start = first
     end = min(last + 1, size) if last is not None else size
     if start >= size or end <= start:
-        raise RangeNotSatisfiable(f"range {header!r} is outside the file ({size} bytes)", extra={"size": size})
+        raise RangeNotSatisfiable(f"range {header!r} is outside the file ({size} bytes)", extra={"size": size},
+                                  headers={"Content-Range": f"bytes */{size}"})
     return start, end

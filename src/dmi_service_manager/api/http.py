@@ -30,11 +30,12 @@ def caller(request: Request) -> str:
     return str(request.scope.get(CALLER_KEY) or (request.client.host if request.client else "unknown"))
 
 
-def _first(value: str | None) -> str | None:
-    if not value:
-        return None
-    first = value.split(",")[0].strip()
-    return first or None
+def _forwarded(request: Request, header: str) -> str | None:
+    """The value our trusted proxy set: the last of the list (the ones before it came from further out,
+    where anyone could have written them), as werkzeug's ProxyFix reads it."""
+    values = ",".join(request.headers.getlist(header))
+    last = values.split(",")[-1].strip()
+    return last or None
 
 
 def base_url(request: Request) -> str:
@@ -45,14 +46,14 @@ def base_url(request: Request) -> str:
     )
     prefix = request.scope.get("root_path", "")
     if request.scope.get(TRUSTED_PEER_KEY):
-        scheme = _first(request.headers.get("x-forwarded-proto")) or scheme
-        host = _first(request.headers.get("x-forwarded-host")) or host
-        prefix = _first(request.headers.get("x-forwarded-prefix")) or prefix
+        scheme = _forwarded(request, "x-forwarded-proto") or scheme
+        host = _forwarded(request, "x-forwarded-host") or host
+        prefix = _forwarded(request, "x-forwarded-prefix") or prefix
     scheme = scheme.lower()
     if scheme not in ("http", "https"):
         scheme = "http"
     valid = _HOST.fullmatch(host)
-    if not valid or (valid.group(1) and int(valid.group(1)) > 65535):
+    if not valid or (valid.group(1) and not 0 < int(valid.group(1)) <= 65535):
         server = request.scope.get("server") or ("localhost", 4000)
         host = f"{server[0]}:{server[1]}"
     prefix = prefix.strip("/")

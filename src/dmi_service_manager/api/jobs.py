@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -15,13 +16,15 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BadRequest
+from ..errors import BadRequest, NotFound
 from ..jobs.model import JobStatus, Kind
 from ..jobs.service import JobService
 from ..jobs.store import JobFilter
 from . import params, schemas
 from .auth import acting
 from .http import json_body, json_response
+
+log = logging.getLogger(__name__)
 
 FOLLOW_POLL_SECONDS = 0.5
 FOLLOWERS = 8
@@ -156,17 +159,38 @@ def router(jobs: JobService) -> APIRouter:
 
         return StreamingResponse(body(), media_type="application/json")
 
-    @api.post("/status_update/", responses={200: {"model": schemas.StatusUpdateAnswer}, **schemas.errors(400, 404)})
+    @api.post("/status_update/", responses={200: {"model": schemas.StatusUpdateAnswer}, **schemas.errors(400)})
     @api.post("/status_update", include_in_schema=False)
     async def status_update(key: str | None = None, status: str | None = None, message: str | None = None,
                             processed_records: str | None = None, num_records: str | None = None) -> Response:
-        """Progress from inside a container; parameters come in the query string."""
+        """Progress from inside a container; parameters come in the query string. Missing `key` or `status`
+        is a 400; anything else is a 200, as the protocol says: what cannot be applied (a key that names no
+        job, a count that is not one, text that is not text) is left out, and the log says why."""
         if not key or not status:
             raise BadRequest("status_update must include both 'key' and 'status'")
-        job_id = params.whole_number(key, "key", low=1)
+        ignored: list[str] = []
+        try:
+            job_id: int | None = params.whole_number(key, "key", low=1)
+        except BadRequest as exc:
+            job_id = None
+            ignored.append(exc.message)
         processed = processed_records if processed_records not in (None, "") else num_records
-        count = None if processed in (None, "") else params.count(processed, "processed_records")
-        await run_in_threadpool(jobs.status_update, job_id, message, count)
+        count = None
+        if processed not in (None, ""):
+            try:
+                count = params.count(processed, "processed_records")
+            except BadRequest as exc:
+                ignored.append(exc.message)
+        if message is not None and not params.is_text(message):
+            message = None
+            ignored.append("message is not valid text")
+        if job_id is not None:
+            try:
+                await run_in_threadpool(jobs.status_update, job_id, message, count)
+            except NotFound as exc:
+                ignored.append(exc.message)
+        if ignored:
+            log.info("status_update for key %r: ignored what could not be applied: %s", key[:40], "; ".join(ignored))
         return json_response({"status": "success"})
 
     return api

@@ -114,8 +114,15 @@ def _finite(text: str) -> float:
     return value
 
 
-def _text(text: str) -> None:
+def is_text(text: str) -> bool:
+    """Whether this can be stored and sent back as UTF-8 (a lone surrogate cannot)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadRequest("the JSON body holds text that is not valid Unicode (a lone surrogate)") from None
+        return False
+    return True
+
+
+def _text(text: str) -> None:
+    if not is_text(text):
+        raise BadRequest("the JSON body holds text that is not valid Unicode (a lone surrogate)")

@@ -223,9 +223,10 @@ def with_components(document: dict[str, Any]) -> dict[str, Any]:
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422.
-            if responses.pop("422", None) is not None:
-                responses.setdefault("400", {"description": "Bad Request", **error})
+            # A request that fails validation is answered 400 with the usual error body, never FastAPI's 422,
+            # and so is a path with control characters or bytes that are not UTF-8, on any route.
+            responses.pop("422", None)
+            responses.setdefault("400", {"description": "Bad Request", **error})
             # Any route answers these to a token that is wrong (or missing where one is needed) or too small.
             responses.setdefault("401", {"description": "no valid token where one is needed", **error})
             responses.setdefault("403", {"description": "not allowed: this address, or this token's scope", **error})

@@ -8,7 +8,9 @@ request runs) can never reach outside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -23,6 +25,8 @@ from pathlib import Path
 from ..errors import BadRequest, Conflict, InsufficientStorage, NotFound
 from ..pids import alive
 
+log = logging.getLogger(__name__)
+
 STAGING_DIR = ".dsm-staging"
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -31,20 +35,34 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _PROC_FD = "/proc/self/fd"
 _HAS_PROC_FD = os.path.isdir(_PROC_FD)  # where O_TMPFILE files can be linked into place
+_RM = shutil.which("rm")
 
 Parts = tuple[str, ...]
+
+
+def name_problem(text: str) -> str | None:
+    """Why a name cannot travel through the file routes, or None. Listings show only names without
+    one (a job can write any byte string as a name), so that every name listed can be downloaded."""
+    if "\x00" in text:
+        return "must not contain a NUL byte"
+    if "\\" in text:
+        return "must not contain a backslash"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        return "must not contain control characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as os.scandir hands them over
+        return "must be valid UTF-8"
+    return None
 
 
 def split_path(text: str | None, field: str, *, allow_nested: bool = True) -> Parts:
     """Check a relative path from a client; raise BadRequest naming the field when it is unsafe."""
     if text is None or text == "":
         raise BadRequest(f"{field} is required")
-    if "\x00" in text:
-        raise BadRequest(f"{field} must not contain a NUL byte")
-    if "\\" in text:
-        raise BadRequest(f"{field} must not contain a backslash")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
-        raise BadRequest(f"{field} must not contain control characters")
+    problem = name_problem(text)
+    if problem:
+        raise BadRequest(f"{field} {problem}")
     if text.startswith("/"):
         raise BadRequest(f"{field} must be a relative path, not an absolute one")
     if len(text.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
@@ -69,15 +87,27 @@ def display(parts: Parts) -> str:
 @dataclass
 class StagedFile:
     fd: int  # open for writing until the file is placed or discarded
-    path: Path | None  # None: an anonymous O_TMPFILE
+    folder: int = -1  # the staging folder that holds it by `name`, open, or -1
+    name: str | None = None  # None: an anonymous O_TMPFILE, in no folder at all
+
+    def named(self, folder: int, name: str) -> None:
+        self.folder, self.name = folder, name
 
     def discard(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
+        self.forget(unlink=True)
+
+    def forget(self, *, unlink: bool = False) -> None:
+        """Let go of its name (placed elsewhere, or removed with `unlink`) and of its folder."""
+        if self.name is not None and unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.folder)
+        self.name = None
+        if self.folder >= 0:
+            os.close(self.folder)
+            self.folder = -1
 
 
 @contextmanager
@@ -132,8 +162,6 @@ class Storage:
     def __init__(self, root: Path, *, fsync: bool = False) -> None:
         self.root = root
         self.fsync = fsync
-        self.staging = root / STAGING_DIR
-        self._staging_made: tuple[int, Path] | None = None  # (pid, folder)
         self._line_cache: dict[tuple[int, int], tuple[int, int, int]] = {}
         self._line_lock = threading.Lock()
 
@@ -196,91 +224,104 @@ class Storage:
 
     def list_tree(self, parts: Parts) -> dict[str, list[str]]:
         """Every folder below `parts` (empty ones too) with the files directly in it; '.' is the top."""
-        tree: dict[str, list[str]] = {}
         with self._dir(parts) as top:
-            pending: list[tuple[int, str]] = [(os.dup(top), ".")]
-            try:
-                while pending:
-                    fd, key = pending.pop()
-                    try:
-                        files, subdirs = _scan(fd)
-                        tree[key] = files
-                        for name in subdirs:
-                            try:
-                                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                            except OSError:
-                                continue  # removed, or swapped for a symlink, while we listed
-                            pending.append((child, name if key == "." else f"{key}/{name}"))
-                    finally:
-                        os.close(fd)
-            finally:
-                for fd, _ in pending:
-                    os.close(fd)
+            longest = MAX_PATH_BYTES - len(display(parts).encode()) - 2  # room for a file name's slash
+            tree = {key: sorted(entry.name for entry in files) for key, _, files in _walk(top, longest)}
         return dict(sorted(tree.items()))
 
     # -- writing
 
-    def _staging_folder(self) -> Path:
-        """This process's own staging folder: same file system, never inside a collection. Made once per
-        process (a worker forked from another gets its own)."""
-        pid = os.getpid()
-        if self._staging_made is None or self._staging_made[0] != pid:
-            path = self.staging / str(pid)
-            path.mkdir(parents=True, exist_ok=True)
-            self._staging_made = (pid, path)
-        return self._staging_made[1]
+    def _staging(self) -> int:
+        """This process's staging folder, open. Jobs of remote services can write anywhere in the upload
+        folder, so it is reached without following symlinks and made again whenever a job removed it or
+        put something else in its place: never a write, nor a removal, outside the upload folder."""
+        root = self._root_fd()
+        try:
+            top = _real_folder(root, STAGING_DIR)
+        finally:
+            os.close(root)
+        try:
+            return _real_folder(top, str(os.getpid()))
+        finally:
+            os.close(top)
 
     def sweep_staging(self) -> int:
         """Remove what processes that are gone left half-written; returns how many folders."""
+        root = self._root_fd()
+        try:
+            try:
+                top = os.open(STAGING_DIR, _DIR_FLAGS, dir_fd=root)
+            except FileNotFoundError:
+                return 0
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                _replace_intruder(root, STAGING_DIR)  # the next upload makes the real folder
+                return 0
+        finally:
+            os.close(root)
         removed = 0
-        if not self.staging.is_dir():
-            return 0
-        for entry in self.staging.iterdir():
-            pid = int(entry.name) if entry.name.isdigit() else None
-            if pid is not None and (pid == os.getpid() or alive(pid)):
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
+        try:
+            with os.scandir(top) as entries:
+                found = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            for name, is_dir in found:
+                pid = int(name) if name.isascii() and name.isdigit() else None
+                if pid is not None and (pid == os.getpid() or alive(pid)):
+                    continue
+                if is_dir:
+                    remove_tree(top, name)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=top)
+                removed += 1
+        finally:
+            os.close(top)
         return removed
 
     def new_staged_file(self) -> StagedFile:
         """A file to write an upload into. Where the file system allows, it has no name at all
         (O_TMPFILE) until it is linked into place, so a crash cannot leave it anywhere."""
-        folder = self._staging_folder()
-        if _HAS_PROC_FD:
-            try:
-                return StagedFile(fd=os.open(folder, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664), path=None)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-        path = folder / uuid.uuid4().hex
-        return StagedFile(fd=os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o664), path=path)
+        folder = self._staging()
+        try:
+            if _HAS_PROC_FD:
+                try:
+                    return StagedFile(fd=os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664, dir_fd=folder))
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                        raise
+            name = uuid.uuid4().hex
+            staged = StagedFile(fd=os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                           0o664, dir_fd=folder))
+            staged.named(folder, name)
+            folder = -1  # the staged file owns it now
+            return staged
+        finally:
+            if folder >= 0:
+                os.close(folder)
 
     def place(self, staged: StagedFile, folder: Parts, name: str) -> None:
         """Put a complete staged file at `folder/name` in one step: never a partial file there."""
         with self._dir(folder, create=True) as dir_fd:
-            if staged.path is None:
+            if staged.name is None:
                 try:
                     os.link(f"{_PROC_FD}/{staged.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
                     if self.fsync:
                         os.fsync(dir_fd)
                     return
                 except FileExistsError:  # an earlier upload of that name: replace it atomically instead
-                    staged.path = self._staging_folder() / uuid.uuid4().hex
-                    staging_fd = os.open(staged.path.parent, _DIR_FLAGS)
-                    try:  # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
-                        os.link(f"{_PROC_FD}/{staged.fd}", staged.path.name, dst_dir_fd=staging_fd,
-                                follow_symlinks=True)
-                    finally:
-                        os.close(staging_fd)
+                    staging, temporary = self._staging(), uuid.uuid4().hex
+                    staged.named(staging, temporary)
+                    # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
+                    os.link(f"{_PROC_FD}/{staged.fd}", temporary, dst_dir_fd=staging, follow_symlinks=True)
+            assert staged.name is not None
             try:
-                os.rename(staged.path, name, dst_dir_fd=dir_fd)
+                os.rename(staged.name, name, src_dir_fd=staged.folder, dst_dir_fd=dir_fd)
             except IsADirectoryError:
                 raise Conflict(f"{display((*folder, name))} is a folder") from None
-            staged.path = None
+            except FileNotFoundError:  # a job removed the staging folder under the upload
+                raise Conflict(f"{display((*folder, name))} could not be stored: the upload folder changed while it"
+                               " arrived; send it again") from None
+            staged.forget()
             if self.fsync:
                 os.fsync(dir_fd)
 
@@ -290,16 +331,26 @@ class Storage:
                 os.close(os.open(parts[-1], _DIR_FLAGS, dir_fd=parent))
             except OSError:
                 raise NotFound(f"folder {display(parts)} does not exist") from None
-            # rmtree with dir_fd never follows symlinks out of the tree.
-            shutil.rmtree(parts[-1], dir_fd=parent)
+            remove_tree(parent, parts[-1])
 
     def collections(self) -> Iterator[Collection]:
         """Top-level collections, each with what it holds and the newest modification time inside."""
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                if entry.name == STAGING_DIR or not entry.is_dir(follow_symlinks=False):
-                    continue
-                yield _measure(entry.name, Path(entry.path))
+        root = self._root_fd()
+        try:
+            with os.scandir(root) as entries:
+                names = [entry.name for entry in entries if entry.name != STAGING_DIR
+                         and entry.is_dir(follow_symlinks=False) and name_problem(entry.name) is None]
+            for name in names:
+                try:
+                    top = os.open(name, _DIR_FLAGS, dir_fd=root)
+                except OSError:
+                    continue  # removed, or swapped for a symlink, meanwhile
+                try:
+                    yield _measure(name, top)
+                finally:
+                    os.close(top)
+        finally:
+            os.close(root)
 
     # -- reading
 
@@ -352,17 +403,93 @@ def _newlines_after(fd: int, end: int) -> int:
     return _count_newlines(fd, end, size) if size > end else 0
 
 
-def _scan(fd: int) -> tuple[list[str], list[str]]:
-    files: list[str] = []
-    subdirs: list[str] = []
-    with os.scandir(fd) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.name)
-            elif entry.is_file(follow_symlinks=False):
-                files.append(entry.name)
-    files.sort()
-    return files, subdirs
+def _walk(top: int, longest: int | None = None) -> Iterator[tuple[str, int, list[os.DirEntry[str]]]]:
+    """Every folder below the open folder `top` ('.' for itself, then paths below it), each with its
+    open descriptor and its files (the descriptor stays open while they are handed over, to stat them).
+
+    Without recursion and with one open descriptor per level of the folder being read, however deep or
+    wide a job made the tree; never through a symlink. Names that the file routes would refuse are left
+    out, and so are folders whose path below `top` is longer than `longest` bytes (what a request may
+    name)."""
+    stack: list[tuple[int, str, Iterator[str]]] = []
+    fd, key = os.dup(top), "."
+    try:
+        while True:
+            if fd >= 0:
+                files: list[os.DirEntry[str]] = []
+                folders: list[str] = []
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if name_problem(entry.name) is not None:
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            path = entry.name if key == "." else f"{key}/{entry.name}"
+                            if longest is None or len(path.encode()) <= longest:
+                                folders.append(entry.name)
+                        elif entry.is_file(follow_symlinks=False):
+                            files.append(entry)
+                yield key, fd, files
+                stack.append((fd, key, iter(folders)))
+                fd = -1
+            if not stack:
+                return
+            parent, parent_key, children = stack[-1]
+            name = next(children, None)
+            if name is None:
+                os.close(parent)
+                stack.pop()
+                continue
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except OSError:
+                continue  # removed, or swapped for a symlink, while we listed
+            key = name if parent_key == "." else f"{parent_key}/{name}"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for parent, _, _ in stack:
+            os.close(parent)
+
+
+def remove_tree(parent: int, name: str) -> None:
+    """`rm -rf` of `name` in the open folder `parent`, never through a symlink and however deep a job
+    made the tree (shutil.rmtree recurses, and fails past about a thousand levels). GNU rm walks with
+    openat() and O_NOFOLLOW; it runs in the folder itself, reached through our descriptor of it."""
+    if _RM is None:
+        shutil.rmtree(name, dir_fd=parent)
+        return
+    done = subprocess.run([_RM, "-rf", "--one-file-system", "--", name], cwd=f"{_PROC_FD}/{parent}",
+                          pass_fds=(parent,), capture_output=True, check=False, timeout=3600)
+    if done.returncode != 0:
+        raise OSError(errno.EIO, f"could not remove {name}: {done.stderr.decode(errors='replace').strip()}")
+
+
+def _real_folder(parent: int, name: str) -> int:
+    """The folder `name` in `parent`, opened; made when missing, and made again when something else (a
+    symlink, a file) has taken its place."""
+    for _ in range(3):
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            _replace_intruder(parent, name)
+        with contextlib.suppress(FileExistsError), disk_full_is_507():
+            os.mkdir(name, 0o700, dir_fd=parent)
+    raise OSError(errno.EAGAIN, f"{name} keeps changing under the upload folder")
+
+
+def _replace_intruder(parent: int, name: str) -> None:
+    """Remove what stands where a folder of ours belongs: the link or the file itself, never its target."""
+    log.warning("%s in the upload folder was not a folder (a job replaced it?); it is removed and made again", name)
+    try:
+        os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:  # became a real folder meanwhile
+        pass
 
 
 @dataclass(frozen=True)
@@ -373,19 +500,17 @@ class Collection:
     newest: float  # the newest modification time found inside: retention counts from it
 
 
-def _measure(name: str, path: Path) -> Collection:
-    newest, files, size = path.lstat().st_mtime, 0, 0
-    for folder, dirs, names in os.walk(path):
-        for entry, is_file in [*((d, False) for d in dirs), *((n, True) for n in names)]:
+def _measure(name: str, top: int) -> Collection:
+    """What a collection holds, however deep: retention must see a file at the bottom of any tree."""
+    newest, files, size = os.fstat(top).st_mtime, 0, 0
+    for _, folder, found in _walk(top):
+        newest = max(newest, os.fstat(folder).st_mtime)
+        for entry in found:
             try:
-                info = os.lstat(os.path.join(folder, entry))
+                info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             newest = max(newest, info.st_mtime)
-            if is_file:
-                files += 1
-                size += info.st_size
+            files += 1
+            size += info.st_size
     return Collection(name=name, files=files, bytes=size, newest=newest)
-
-
-    return True

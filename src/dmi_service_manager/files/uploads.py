@@ -9,6 +9,7 @@ because 4CAT predicts the stored names that way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -21,7 +22,7 @@ from python_multipart.multipart import parse_options_header as multipart_options
 from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
-from ..errors import BadRequest, InsufficientStorage, PayloadTooLarge
+from ..errors import BadRequest, Conflict, InsufficientStorage, PayloadTooLarge
 from .storage import Parts, StagedFile, Storage, disk_full_is_507, display, split_path
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ class UploadReceiver:
             part.placeholder = True
             return
         part.name = secure_filename(part.filename)
-        if len(part.name.encode("utf-8")) > MAX_NAME_BYTES:
-            raise BadRequest(f"the file name {part.filename[:60]!r}... is longer than the {MAX_NAME_BYTES} bytes"
-                             " a file system takes")
-        reason = self._refusal(part.filename, part.name)
+        reason = self._refusal(part.name)
         if reason:
             part.refused = True
             self.errors[part.filename] = reason
@@ -141,12 +139,18 @@ class UploadReceiver:
         with disk_full_is_507():
             part.staged = self.storage.new_staged_file()
 
-    def _refusal(self, filename: str, name: str) -> str | None:
+    def _refusal(self, name: str) -> str | None:
+        """Why a file cannot be stored under `name` (its sanitised name), or None. The extension is the
+        stored name's: the file on disk is what ALLOWED_EXTENSIONS is for."""
         if not name:
             return "the file name has no usable characters"
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            return f"the file name is longer than the {MAX_NAME_BYTES} bytes a file system takes"
         if self.allowed is not None:
-            extension = filename.rsplit(".", 1)[1].lower() if "." in filename else ""
-            if extension not in self.allowed:
+            lowered = name.lower()
+            if not any(lowered.endswith(f".{extension}") and len(lowered) > len(extension) + 1
+                       for extension in self.allowed):
+                extension = lowered.rsplit(".", 1)[1] if "." in lowered else ""
                 return f"files of type {extension or '(none)'!r} are not allowed on this server"
         return None
 
@@ -164,8 +168,8 @@ class UploadReceiver:
 
     def _on_part_end(self) -> None:
         part = self._part
-        if part.filename is None:
-            self.fields[part.field_name] = part.value.decode("utf-8", "replace")
+        if part.filename is None:  # a field sent twice keeps its first value, as Flask's form.get() did
+            self.fields.setdefault(part.field_name, part.value.decode("utf-8", "replace"))
             return
         if part.staged is not None:
             part.writing = False
@@ -236,22 +240,31 @@ class UploadReceiver:
         accepted: dict[str, list[str]] = {}
         stored_files = stored_bytes = 0
         if all(part.refused for part in self.files):
-            self.storage.ensure_dir(collection)  # made all the same, as the original did
+            with contextlib.suppress(Conflict):  # made all the same, as the original did, where it can be
+                self.storage.ensure_dir(collection)
         for part in self.files:
             if part.refused:
                 accepted.setdefault(part.field_name, [])
                 continue
             target = (*collection, *part.folder)
-            if part.placeholder:
-                self.storage.ensure_dir(target)
-            else:
-                assert part.staged is not None
-                stored_files += 1
-                stored_bytes += os.fstat(part.staged.fd).st_size
-                with disk_full_is_507():
-                    self.storage.place(part.staged, target, part.name)
-                part.staged.discard()
-                part.staged = None
+            try:
+                if part.placeholder:
+                    self.storage.ensure_dir(target)
+                else:
+                    assert part.staged is not None
+                    size = os.fstat(part.staged.fd).st_size
+                    with disk_full_is_507():
+                        self.storage.place(part.staged, target, part.name)
+                    stored_files += 1
+                    stored_bytes += size
+            except Conflict as exc:  # a folder, or a non-folder, in the way of this file only: refuse it alone
+                self.errors[part.filename or ""] = exc.message
+                accepted.setdefault(part.field_name, [])
+                continue
+            finally:
+                if part.staged is not None:
+                    part.staged.discard()
+                    part.staged = None
             accepted.setdefault(part.field_name, []).append(part.filename or "")
         if self.errors:
             log.warning("upload to %s: refused %s", display(collection), self.errors)

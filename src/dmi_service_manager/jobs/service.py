@@ -312,11 +312,6 @@ class JobService:
 
     def status_update(self, job_id: int, message: str | None, processed: int | None) -> None:
         """Progress from a container. Its `status` never changes ours: the container's exit decides."""
-        if message is not None:
-            try:
-                message.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadRequest("message is not valid text") from None
         if not self.store.update_progress(job_id, message, processed) and self.store.get(job_id) is None:
             raise NotFound(f"Job {job_id} not found")
 
