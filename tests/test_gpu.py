@@ -71,11 +71,14 @@ def test_503_only_for_a_service_that_could_never_fit(make_server: Callable[..., 
 
 def test_without_nvml_or_a_gpu_runtime_the_check_says_why(make_server: Callable[..., Server],
                                                           tmp_path: Path) -> None:
+    """No card to be seen: the service can never fit, so a 503 (never a 5xx of the server's own) whose
+    reason says why; 4CAT quotes it when it fails the dataset."""
     server = make_server(gpu_config(tmp_path, GPU_INVENTORY=None))
     response = server.get("/api/check_gpu_mem/whisper")
-    assert response.status_code == 500
+    assert response.status_code == 503
     reason = response.json()["reason"]
-    assert "NVML is not available" in reason and "nvidia-smi" in reason
+    assert reason.startswith("GPU not available: ") and "NVML is not available" in reason and "nvidia-smi" in reason
+    assert response.json()["memory"] == {"gpu_total_mem": 0, "gpu_free_mem": 0}
 
 
 def test_gpu_jobs_fail_with_the_reason_when_docker_has_no_gpu_runtime(make_server: Callable[..., Server],

@@ -69,8 +69,7 @@ def parse_size(value: Any) -> int:
 
 
 class _Model(BaseModel):
-    # Unknown keys are kept so that they can be reported as warnings rather than errors: old
-    # configs carry keys (WHISPER_GPU, WHISPER_LIVE) that the original ignored.
+    # Unknown keys are kept so that they can be reported (see _unknown_key_warnings).
     model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
 
 
@@ -304,6 +303,7 @@ class LoadedConfig:
 
 
 _KNOWN_TOP = {f.alias or name for name, f in Config.model_fields.items()}
+ORIGINAL_UNUSED = frozenset({"WHISPER_GPU", "WHISPER_LIVE"})  # in the original's config example, read by nothing
 _KNOWN_SERVICE = set(ServiceConfig.model_fields)
 _KNOWN_GPU = set(GpuCardConfig.model_fields)
 
@@ -342,25 +342,30 @@ def _env_overrides(env: Mapping[str, str], warnings: list[str]) -> dict[str, Any
 
 
 def _unknown_key_warnings(data: dict[str, Any]) -> list[str]:
-    warnings = []
+    """The protocol's rule: an unknown or mistyped key refuses to start, naming the key (and the nearest
+    known one). The original's own example config carries keys it never read (ORIGINAL_UNUSED): those
+    are warnings, so that such a config works unchanged."""
+    warnings, unknown = [], []
     for key in data:
-        if key not in _KNOWN_TOP:
-            warnings.append(f"unknown key {key}{_suggest(str(key), _KNOWN_TOP)}; it is ignored")
+        if key in ORIGINAL_UNUSED:
+            warnings.append(f"unknown key {key}: the original's, unused by it and by this server; it is ignored")
+        elif key not in _KNOWN_TOP:
+            unknown.append(f"{key}{_suggest(str(key), _KNOWN_TOP)}")
     services = data.get("DOCKER_ENDPOINTS")
     if isinstance(services, dict):
         for name, service in services.items():
             if isinstance(service, dict):
-                for key in service:
-                    if key not in _KNOWN_SERVICE:
-                        hint = _suggest(str(key), _KNOWN_SERVICE)
-                        warnings.append(f"DOCKER_ENDPOINTS.{name}: unknown key {key}{hint}; it is ignored")
+                unknown += [f"DOCKER_ENDPOINTS.{name}.{key}{_suggest(str(key), _KNOWN_SERVICE)}"
+                            for key in service if key not in _KNOWN_SERVICE]
     inventory = data.get("GPU_INVENTORY")
     if isinstance(inventory, list):
         for index, card in enumerate(inventory):
             if isinstance(card, dict):
-                for key in card:
-                    if key not in _KNOWN_GPU:
-                        warnings.append(f"GPU_INVENTORY[{index}]: unknown key {key}{_suggest(str(key), _KNOWN_GPU)}")
+                unknown += [f"GPU_INVENTORY[{index}].{key}{_suggest(str(key), _KNOWN_GPU)}"
+                            for key in card if key not in _KNOWN_GPU]
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}: {'; '.join(unknown)} (every key is"
+                          " listed in config.example.yml)")
     return warnings
 
 

@@ -15,7 +15,7 @@ def router(jobs: JobService) -> APIRouter:
     api = APIRouter(tags=["gpu"])
 
     @api.get("/api/check_gpu_mem/{service}", responses={code: {"model": schemas.GpuAnswer}
-                                                        for code in (200, 400, 404, 500, 503)})
+                                                        for code in (200, 400, 404, 503)})
     async def check_gpu_mem(service: str) -> Response:
         check = await run_in_threadpool(jobs.gpu_check, service)
         if check.outcome == "available":
@@ -26,9 +26,10 @@ def router(jobs: JobService) -> APIRouter:
             return json_response({"reason": check.reason}, 404)
         if check.outcome == "never_fits":  # 4CAT reads a 503 as "out of GPU memory": only for never
             return json_response({"reason": check.reason, "memory": check.memory}, 503)
-        # A server problem, not a full GPU (which 503 would say); 4CAT quotes the reason.
-        return json_response({"status": "error", "reason": f"GPU check failed: {check.reason}",
-                              "message": check.reason}, 500)
+        # No card can be seen at all (no NVML, no inventory): the service can never fit here either, and the
+        # protocol's answer for that is a 503 whose reason says why, never a 5xx of the server's own.
+        return json_response({"reason": f"GPU not available: {check.reason}",
+                              "memory": {"gpu_total_mem": 0, "gpu_free_mem": 0}}, 503)
 
     @api.get("/api/gpus", responses={200: {"model": schemas.GpusAnswer}})
     async def gpus() -> Response:
