@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import requests
 import yaml
 
@@ -152,7 +153,13 @@ class Server:
         if self.instance is None:
             return
         for container in client.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={self.instance}"}):
-            container.remove(force=True)
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:  # another server of this instance (this test's) removes it
+                if "already in progress" not in str(exc):
+                    raise
 
     # -- HTTP
 

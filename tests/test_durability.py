@@ -147,6 +147,27 @@ def test_four_workers_serve_every_route_and_start_each_job_exactly_once(
     assert {int(k): v for k, v in starts.items() if int(k) in keys} == {k: 1 for k in keys}
 
 
+def test_a_removed_lock_file_does_not_let_a_second_server_schedule_too(
+    make_server: Callable[..., Server], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Someone deletes the scheduler's lock file while it runs, then a second server starts on the same
+    config: the first one's doorbell still says who leads, and the second waits."""
+    config = base_config(tmp_path, MAX_CONCURRENT_JOBS=6)
+    first = make_server(config)
+    wait_until(lambda: "runs the scheduler" in first.log(), 15, what="the first server to lead")
+    Path(f"{config['DATABASE_FILE']}.scheduler.lock").unlink()
+    second = make_server(dict(config))
+    wait_until(lambda: "another process runs the scheduler" in second.log(), 15, what="the second to stand back")
+    keys = [(first if index % 2 else second).submit("fake_local", ["--sleep", "0.3"])["key"] for index in range(12)]
+    for key in keys:
+        assert first.wait_final(key, 60)["status"] == "complete"
+    assert "runs the scheduler" not in second.log().replace("another process runs the scheduler", "")
+    first.kill()  # gone, its doorbell with it: the second server takes over
+    wait_until(lambda: "runs the scheduler" in second.log().replace("another process runs the scheduler", ""), 15,
+               what="the second server to take over")
+    assert second.wait_final(second.submit("fake_local", [])["key"], 60)["status"] == "complete"
+
+
 def test_when_the_worker_running_the_scheduler_dies_another_takes_over(make_server: Callable[..., Server],
                                                                      tmp_path: Path) -> None:
     server = make_server(workers=2)

@@ -254,6 +254,12 @@ def test_a_database_written_by_the_original_is_migrated_in_place(make_server: Ca
         (1700000000, "/api/whisper_local", "complete", old_details, json.dumps({"returncode": 0, "error": ""})),
         (1700000001, "/api/whisper_local", "running", old_details, None),
         (1700000002, "/api/whisper_local", "unknown", "not json at all", None),
+        # final rows whose results 4CAT could not read: each comes out with an int returncode and a string error
+        (1700000003, "/api/whisper_local", "complete", old_details, None),
+        (1700000004, "/api/whisper_local", "complete", old_details, json.dumps({"returncode": 2, "error": "oom"})),
+        (1700000005, "/api/whisper_local", "error", old_details, json.dumps({"returncode": 1})),
+        (1700000006, "/api/whisper_local", "error", old_details, "not json"),
+        (1700000007, "/api/whisper_local", "error", old_details, json.dumps({"returncode": None, "error": "x"})),
     ])
     connection.commit()
     connection.close()
@@ -265,10 +271,17 @@ def test_a_database_written_by_the_original_is_migrated_in_place(make_server: Ca
         assert job["status"] == "error"
         assert "original" in json.loads(job["results"])["error"]
         assert json.loads(job["results"])["returncode"] != 0
+    expected = {4: ("complete", 0), 5: ("error", 2), 6: ("error", 1), 7: ("error", 1), 8: ("error", 1)}
+    for job_id, (status, code) in expected.items():
+        job = server.job(job_id)
+        results = json.loads(job["results"])
+        assert (job["status"], results["returncode"]) == (status, code), job
+        assert isinstance(results["error"], str) and (status == "complete" or results["error"])
+    assert json.loads(server.job(5)["results"])["error"] == "oom"  # what the original kept is kept
     found = server.get("/api/jobs/details_query/", json={"details_key": "$.request_json.4CAT_dataset_key",
                                                          "details_value": "old"}).json()["jobs"]
-    assert [j["id"] for j in found] == [1, 2]
-    assert server.wait_final(server.submit("fake_local", [])["key"])["id"] == 4
+    assert [j["id"] for j in found] == [1, 2, 4, 5, 6, 7, 8]
+    assert server.wait_final(server.submit("fake_local", [])["key"])["id"] == 9
 
 
 def test_the_details_query_takes_other_json_paths_and_rejects_bad_ones(server: Server) -> None:

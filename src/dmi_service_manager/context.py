@@ -113,10 +113,18 @@ class AppContext:
         self.leadership.release()
 
     def _seek_leadership(self) -> None:
+        warned = 0.0
         while not self._stop.is_set():
             if self.leadership.try_acquire():
-                self._lead()
-                return
+                if self.doorbell.claim():
+                    self._lead()
+                    return
+                self.leadership.release()
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    log.warning("another process runs the scheduler for this database, though the lock file %s"
+                                " was free (removed while it ran?); this one waits until that one is gone",
+                                self.leadership.lock_path)
             self._stop.wait(LEADER_RETRY_SECONDS)
 
     def _lead(self) -> None:

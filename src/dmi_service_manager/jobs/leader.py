@@ -9,6 +9,7 @@ after they store a job, so the scheduler reacts at once rather than at its next 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -35,17 +36,28 @@ class Doorbell:
         with contextlib.suppress(OSError):
             self._send.sendto(b"!", self.address)
 
-    def listen(self, on_ring: Callable[[], None], stop: threading.Event) -> None:
-        """Bind and call `on_ring` for each ring until `stop` is set. Runs in its own thread."""
+    def claim(self) -> bool:
+        """Bind the doorbell before leading. False when a process of this database already has it: that
+        process runs a scheduler, whatever the lock file says (someone removed it while it ran), and a
+        second one must not start. The address cannot be removed by hand; it goes with its process."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             listener.bind(self.address)
         except OSError as exc:
-            log.warning("doorbell unavailable (%s); the scheduler falls back to its tick", exc)
             listener.close()
-            return
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            log.warning("doorbell unavailable (%s); the scheduler falls back to its tick", exc)
+            return True
         listener.settimeout(0.5)
         self._listener = listener
+        return True
+
+    def listen(self, on_ring: Callable[[], None], stop: threading.Event) -> None:
+        """Call `on_ring` for each ring until `stop` is set (after `claim`). Runs in its own thread."""
+        listener = self._listener
+        if listener is None:
+            return
         with listener:
             while not stop.is_set():
                 try:
@@ -70,7 +82,10 @@ class Leadership:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            named = os.stat(self.lock_path)
+            if (named.st_dev, named.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                raise FileNotFoundError  # removed or replaced between the open and the lock: not the lock
+        except (BlockingIOError, FileNotFoundError):
             os.close(fd)
             return False
         os.ftruncate(fd, 0)

@@ -550,8 +550,9 @@ class Scheduler:
                     if job.stop_reason:  # we removed it after stopping it
                         self._fail(job, job.stop_detail or "The job was stopped.", stop_failure(job))
                     else:
-                        self._fail(job, "The job's container vanished (it was removed, or the engine lost it) while"
-                                   " this server was not watching; its results are unknown.", Failure.ENGINE)
+                        self._fail(job, "The job's container vanished before its end was recorded: it was removed"
+                                   " outside this server (docker rm), or the engine lost it. Its exit code and"
+                                   " output went with it.", Failure.ENGINE)
                 else:
                     self.store.release_claim(job.id)  # claimed, never created: start it again
                 continue

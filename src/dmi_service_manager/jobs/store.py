@@ -126,6 +126,10 @@ class TokenRow:
     revoked_at: float | None
 
 
+BUSY_MS = 30_000  # how long a write waits for another process's
+MIGRATION_WAIT_MS = 3_600_000
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -138,7 +142,7 @@ class Store:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             self._local.conn = conn
@@ -167,15 +171,21 @@ class Store:
         """Create or upgrade the schema; returns what it did, for the log. Safe to run concurrently."""
         notes: list[str] = []
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode = WAL")
-        with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
-            if version < SCHEMA_VERSION:
-                self._upgrade(db, exists=bool(exists))
-            # At every start, not once: after a downgrade to the original and back, the jobs the original
-            # made meanwhile must be found by the details query too, or 4CAT would submit them again.
-            notes += self._adopt_original_rows(db)
+        # The first start on a large database of the original's takes a while, and every worker migrates:
+        # the others wait for the first one's transaction, however long, and then find nothing left to do.
+        conn.execute(f"PRAGMA busy_timeout = {MIGRATION_WAIT_MS}")
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            with self._write() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
+                if version < SCHEMA_VERSION:
+                    self._upgrade(db, exists=bool(exists))
+                # At every start, not once: after a downgrade to the original and back, the jobs the original
+                # made meanwhile must be found by the details query too, or 4CAT would submit them again.
+                notes += self._adopt_original_rows(db)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
         return notes
 
     def _upgrade(self, db: sqlite3.Connection, *, exists: bool) -> None:
@@ -229,10 +239,11 @@ class Store:
                 (message, json.dumps(error_results(message)), now, Failure.ENGINE.value, row["id"]),
             )
             ended += 1
-        db.execute(
-            f"UPDATE jobs SET results = ? WHERE {original} AND status IN ('complete', 'error') AND results IS NULL",
-            (json.dumps(error_results("The original server recorded no results for this job.")),),
-        )
+        final = db.execute(f"SELECT id, status, results FROM jobs WHERE {original} AND status IN ('complete', 'error')")
+        for row in final:
+            fixed = _original_results(row["status"], row["results"])
+            if fixed is not None:
+                db.execute("UPDATE jobs SET status = ?, results = ? WHERE id = ?", (*fixed, row["id"]))
         db.execute(f"UPDATE jobs SET kind = '4cat' WHERE {original}")
         return [f"took over {len(rows)} job(s) written by the original DMI Service Manager (indexed for the"
                 f" details query); ended {ended} it had left open"]
@@ -555,6 +566,29 @@ def _column_value(value: Any) -> Any:
 def _token(row: sqlite3.Row) -> TokenRow:
     return TokenRow(id=row["id"], name=row["name"], scope=row["scope"], salt=bytes(row["salt"]),
                     digest=bytes(row["digest"]), created_at=row["created_at"], revoked_at=row["revoked_at"])
+
+
+def _original_results(status: str, text: Any) -> tuple[str, str] | None:
+    """A final row of the original's in the shape 4CAT needs, or None when it has it: results decoding to
+    an object with an int `returncode` (0 for `complete`, not 0 for `error`) and a string `error`. A
+    `complete` whose returncode says it failed is an `error` (4CAT decides by the returncode); one with no
+    results at all keeps the original's word, with a note."""
+    results = _json_object(text)
+    if results and isinstance(results.get("returncode"), int) and not isinstance(results["returncode"], bool) \
+            and isinstance(results.get("error"), str) and (results["returncode"] == 0) == (status == "complete"):
+        return None
+    note = "The original server recorded no usable results for this job."
+    code = results.get("returncode")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    if status == "complete" and code not in (None, 0):
+        status = "error"
+    if status == "complete":
+        fixed = {**results, "returncode": 0, "error": results.get("error") if isinstance(results.get("error"), str)
+                 else "", "note": note}
+    else:
+        fixed = {**results, "returncode": code or 1,
+                 "error": results["error"] if isinstance(results.get("error"), str) and results["error"] else note}
+    return status, json.dumps(fixed)
 
 
 def _json_object(text: Any) -> dict[str, Any]:
