@@ -129,15 +129,21 @@ def test_a_gpu_container_this_server_did_not_start_holds_its_memory(make_server:
                          GPU_INVENTORY=[{"id": 0, "memory": "16GiB"}])
     config["DOCKER_ENDPOINTS"] = {"whisper": {"image_name": BUSYBOX, "local": True, "command": "fake-service",
                                               "data_path": "/app/data", "gpu_memory": "10GiB"}}
-    leftover = docker_client.containers.run(BUSYBOX, ["sleep", "120"], detach=True)  # as `docker run --gpus all`
+    # With nvidia as Docker's default runtime this variable gives the container every card (this machine has
+    # none, so `--gpus all` cannot be asked for here); a container of the image without it holds no card.
+    leftover = docker_client.containers.run(BUSYBOX, ["sleep", "120"], detach=True,
+                                            environment={"NVIDIA_VISIBLE_DEVICES": "all"})
+    cpu_only = docker_client.containers.run(BUSYBOX, ["sleep", "120"], detach=True)
     try:
         server = make_server(config)
         key = server.submit("whisper_local", [])["key"]
         waiting = wait_until(lambda: (j := server.job(key))["message"] and j, 15, what="a queue note")
         assert waiting["status"] == "pending" and "10.0 GiB" in waiting["message"]
         assert leftover.name in server.log() and "not started by this server" in server.log()
+        assert cpu_only.name not in server.log()
         leftover.remove(force=True)
         assert server.wait_final(key, 60)["status"] == "complete"
     finally:
-        with contextlib.suppress(docker.errors.NotFound):
-            leftover.remove(force=True)
+        for container in (leftover, cpu_only):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)

@@ -115,6 +115,8 @@ def outcome(
         notes.append(f"The container exited with code {code} and wrote nothing to stderr.")
     error = "\n".join([*notes, stderr.text]).strip("\n") if notes else stderr.text
     start, end = state.started_at or job.started_at, state.finished_at
+    if start and end and start > end:  # our clock's start (taken once the start call returned) of a quick exit
+        start = end
     results: dict[str, Any] = {
         "returncode": (code or 1) if failed else 0,
         "error": error,

@@ -223,6 +223,8 @@ class Scheduler:
         services = {n: s for n, s in self.config.docker_endpoints.items() if self.config.service_uses_gpu(n)}
         found = []
         for state in self.backend.running_of_images(sorted({s.image_name for s in services.values()}), self.labels):
+            if not state.holds_gpu:  # a CPU job of the image (another server's, say) holds no card
+                continue
             # By the name it was made from, else by image id; of several services, the largest estimate.
             matching = [n for n, s in services.items() if s.image_name == state.image] or \
                 [n for n, s in services.items() if self._image_id(s.image_name) == state.image_id]

@@ -149,15 +149,23 @@ class Store:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `durable`: on disk before it returns, a power cut included (WAL with
+        synchronous=NORMAL, the rest's setting, survives any crash of this server but not of the machine)."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        if durable:
+            conn.execute("PRAGMA synchronous = FULL")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -334,8 +342,9 @@ class Store:
     # -- writing
 
     def create(self, new: NewJob) -> Job:
+        """Store a new job; durable, as its 202 promises (and so its id is never given again)."""
         now = time.time()
-        with self._write() as db:
+        with self._write(durable=True) as db:
             cursor = db.execute(
                 "INSERT INTO jobs (created_at, jobtype, status, details, service, mode, dataset_key, timeout,"
                 " gpu_memory, callback_url, kind, gpus, cpus, mem_limit, step, task_id, name, tags, task, task_log)"
@@ -349,10 +358,11 @@ class Store:
         return _job(row)
 
     def update_progress(self, job_id: int, message: str | None, processed: int | None) -> bool:
-        """Progress from inside a container; ignored once the job is final."""
+        """Progress from inside a container; ignored once the job is final. An empty message keeps the one
+        there, as the original did."""
         sets: list[str] = []
         params: list[Any] = []
-        if message is not None:
+        if message:
             sets.append("message = ?")
             params.append(message)
         if processed is not None:

@@ -106,6 +106,7 @@ class ContainerState:
     oom_killed: bool = False
     error: str = ""
     image: str = ""  # the name it was made from
+    holds_gpu: bool = False  # asked the engine for GPUs (as `--gpus`, the nvidia runtime or its variable do)
 
     @property
     def ended(self) -> bool:
@@ -174,8 +175,8 @@ class Backend(Protocol):
         and exit code may be left out (an engine's listing need not carry them): inspect for those."""
 
     def running_of_images(self, images: list[str], unless: dict[str, str]) -> list[ContainerState]:
-        """Runs of these images not labelled `unless` (not ours: the original server's): they hold GPUs
-        we place."""
+        """Running runs of these images not labelled `unless` (not ours: the original server's, say), with
+        whether each holds GPUs that we place."""
 
     def events(self, labels: dict[str, str]) -> EventStream:
         """Ends of this server's runs as they happen."""

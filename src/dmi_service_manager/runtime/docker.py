@@ -294,6 +294,9 @@ class DockerBackend:
             except docker.errors.NotFound:
                 return None
         state = data.get("State") or {}
+        host = data.get("HostConfig") or {}
+        environment = (data.get("Config") or {}).get("Env") or []
+        visible = [e.split("=", 1)[1] for e in environment if e.startswith("NVIDIA_VISIBLE_DEVICES=")]
         return ContainerState(
             id=data["Id"],
             name=str(data.get("Name", "")).lstrip("/"),
@@ -306,6 +309,8 @@ class DockerBackend:
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
             image=str((data.get("Config") or {}).get("Image") or ""),
+            holds_gpu=bool(host.get("DeviceRequests")) or host.get("Runtime") == "nvidia"
+            or any(v.strip() not in ("", "void", "none") for v in visible),
         )
 
     def stop(self, container_id: str, grace: float) -> None:
