@@ -149,6 +149,9 @@ def test_status_update_needs_key_and_status_and_applies_what_it_can(server: Serv
     assert ok.status_code == 200 and ok.json() == {"status": "success"}
     job = server.job(answer["key"])
     assert job["message"] == "hi" and job["processed_records"] is None  # the message; not a count that is none
+    server.post(f"/status_update/?key={answer['key']}&status=running&message=&processed_records=5")
+    job = server.job(answer["key"])
+    assert job["message"] == "hi" and job["processed_records"] == 5  # an empty message keeps the last one
     final = server.wait_final(answer["key"])
     late = server.post(f"/status_update/?key={answer['key']}&status=running&message=late&num_records=7")
     assert late.status_code == 200 and late.json() == {"status": "success"}
