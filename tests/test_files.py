@@ -218,6 +218,14 @@ def test_an_upload_over_the_limit_is_413_and_nothing_is_kept(make_server: Callab
     assert response.status_code == 413 and response.json()["reason"]
     assert not (tmp_path / "uploads" / "big" / "x" / "a.bin").exists()
     assert "upload refused" in server.log()
+    # chunked, so no length to refuse up front: the folder's field came first, and the log names it
+    body = (b'--b\r\nContent-Disposition: form-data; name="folder_name"\r\n\r\nchunked-big\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="x"; filename="a.bin"\r\n\r\n' + b"0" * 50_000 +
+            b"\r\n--b--\r\n")
+    chunked = requests.post(f"{server.url}/api/send_files", data=iter([body]), timeout=30,
+                            headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 413 and not (tmp_path / "uploads" / "chunked-big" / "x" / "a.bin").exists()
+    assert "for collection chunked-big" in server.log()
 
 
 def test_a_full_disk_is_507_with_nothing_half_written(make_server: Callable[..., Server], tmp_path: Path) -> None:

@@ -216,14 +216,17 @@ class UploadReceiver:
             raise BadRequest(f"the multipart boundary is not usable: {exc}") from None
         async for chunk in chunks:
             self.received += len(chunk)
-            if self.received > self.max_bytes:
-                raise PayloadTooLarge(f"the upload is larger than this server accepts ({self.max_bytes} bytes)")
+            over = self.received > self.max_bytes
+            if over:  # what fits is still read: the log names the collection when its field came first
+                chunk = chunk[:max(len(chunk) - (self.received - self.max_bytes), 0)]
             try:
                 parser.write(chunk)
             except (BadRequest, PayloadTooLarge, InsufficientStorage, OSError):
                 raise
             except Exception as exc:  # python-multipart's MultipartParseError and friends
                 raise BadRequest(f"the multipart body could not be parsed: {exc}") from None
+            if over:
+                raise PayloadTooLarge(f"the upload is larger than this server accepts ({self.max_bytes} bytes)")
         try:
             parser.finalize()
         except Exception as exc:
