@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -441,8 +442,7 @@ def _deep_tree(top: Path, depth: int, mtime: float, leaf_mtime: float) -> None:
         os.close(fd)
 
 
-def test_a_tree_thousands_of_levels_deep_is_listed_measured_and_removed(make_server: Callable[..., Server],
-                                                                      tmp_path: Path,
+def test_a_tree_thousands_of_levels_deep_is_listed_measured_and_removed(tmp_path: Path,
                                                                       request: pytest.FixtureRequest) -> None:
     uploads = tmp_path / "uploads"
     long_ago = time.time() - 30 * 86400
@@ -450,7 +450,10 @@ def test_a_tree_thousands_of_levels_deep_is_listed_measured_and_removed(make_ser
     _deep_tree(uploads / "old-deep", 1500, long_ago, long_ago)
     # pytest's own clean-up of tmp_path recurses: whatever happens here, the trees go
     request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(uploads / "deep"), str(uploads / "old-deep")]))
-    server = make_server(base_config(tmp_path, RETENTION_DAYS=7))
+    # far fewer descriptors than levels: a walk that held one per level would run out
+    server = Server(tmp_path, base_config(tmp_path, RETENTION_DAYS=7), open_files=512)
+    request.addfinalizer(server.stop)
+    server.start()
     listing = server.get("/api/list_filenames/deep")
     assert listing.status_code == 200
     keys = list(listing.json())
@@ -468,12 +471,43 @@ def test_a_tree_thousands_of_levels_deep_is_listed_measured_and_removed(make_ser
 
 def test_a_file_that_cannot_be_placed_is_refused_alone(server: Server, tmp_path: Path) -> None:
     (tmp_path / "uploads" / "s3" / "f" / "dir.txt").mkdir(parents=True)  # a folder where a file would go
-    files = [("f", ("ok1.txt", b"1")), ("f", ("dir.txt", b"2")), ("f", ("ok2.txt", b"3"))]
+    (tmp_path / "uploads" / "s3" / "lnk").symlink_to(tmp_path / "victim", target_is_directory=True)
+    files = [("f", ("ok1.txt", b"1")), ("f", ("dir.txt", b"2")), ("x/../y", ("bad.txt", b"4")),
+             ("lnk", ("through.txt", b"5")), ("f", ("ok2.txt", b"3"))]
     response = server.post("/api/send_files", data={"folder_name": "s3"}, files=files)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["f"] == ["ok1.txt", "ok2.txt"] and "is a folder" in body["errors"]["dir.txt"]
+    assert "'..'" in body["errors"]["bad.txt"] and "x/../y" not in body  # a bad folder name is no key
+    assert "not a folder" in body["errors"]["through.txt"] and body["lnk"] == []
     assert (tmp_path / "uploads" / "s3" / "f" / "ok2.txt").read_bytes() == b"3"
+    assert not (tmp_path / "victim").exists()
+
+
+def test_uploads_never_fail_while_a_job_keeps_removing_the_staging_folder(server: Server, tmp_path: Path) -> None:
+    staging = tmp_path / "uploads" / ".dsm-staging"
+    stop = threading.Event()
+
+    def vandal() -> None:
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            subprocess.run(["rm", "-rf", str(staging)], check=False)
+            with contextlib.suppress(OSError):
+                staging.symlink_to(tmp_path / "victim")
+            with contextlib.suppress(OSError):
+                staging.unlink()
+
+    thread = threading.Thread(target=vandal, daemon=True)
+    thread.start()
+    try:
+        statuses = [server.post("/api/send_files", data={"folder_name": "s5"},
+                                files={"4cat_uploads": (f"f{i}.txt", b"x" * 1000)}).status_code for i in range(40)]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert set(statuses) <= {200, 409} and statuses.count(200) >= 30, statuses  # 409: "send it again"
+    assert not (tmp_path / "victim").exists()
+    assert "Traceback" not in server.log()
 
 
 def test_the_first_folder_name_counts_and_extensions_are_the_stored_names(make_server: Callable[..., Server],

@@ -235,15 +235,19 @@ class Storage:
         """This process's staging folder, open. Jobs of remote services can write anywhere in the upload
         folder, so it is reached without following symlinks and made again whenever a job removed it or
         put something else in its place: never a write, nor a removal, outside the upload folder."""
-        root = self._root_fd()
-        try:
-            top = _real_folder(root, STAGING_DIR)
-        finally:
-            os.close(root)
-        try:
-            return _real_folder(top, str(os.getpid()))
-        finally:
-            os.close(top)
+        for _ in range(5):
+            root = self._root_fd()
+            try:
+                top = _real_folder(root, STAGING_DIR)
+            finally:
+                os.close(root)
+            try:
+                return _real_folder(top, str(os.getpid()))
+            except FileNotFoundError:
+                continue  # removed between the two steps: from the top again
+            finally:
+                os.close(top)
+        raise Conflict("the upload folder's staging area keeps being removed (by a job?); send the file again")
 
     def sweep_staging(self) -> int:
         """Remove what processes that are gone left half-written; returns how many folders."""
@@ -281,23 +285,28 @@ class Storage:
     def new_staged_file(self) -> StagedFile:
         """A file to write an upload into. Where the file system allows, it has no name at all
         (O_TMPFILE) until it is linked into place, so a crash cannot leave it anywhere."""
-        folder = self._staging()
-        try:
-            if _HAS_PROC_FD:
-                try:
-                    return StagedFile(fd=os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664, dir_fd=folder))
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                        raise
-            name = uuid.uuid4().hex
-            staged = StagedFile(fd=os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                           0o664, dir_fd=folder))
-            staged.named(folder, name)
-            folder = -1  # the staged file owns it now
-            return staged
-        finally:
-            if folder >= 0:
-                os.close(folder)
+        for _ in range(5):
+            folder = self._staging()
+            try:
+                if _HAS_PROC_FD:
+                    try:
+                        return StagedFile(fd=os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o664,
+                                                     dir_fd=folder))
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                            raise
+                name = uuid.uuid4().hex
+                staged = StagedFile(fd=os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                               | os.O_CLOEXEC, 0o664, dir_fd=folder))
+                staged.named(folder, name)
+                folder = -1  # the staged file owns it now
+                return staged
+            except FileNotFoundError:
+                continue  # the folder was removed after it was opened: again
+            finally:
+                if folder >= 0:
+                    os.close(folder)
+        raise Conflict("the upload folder's staging area keeps being removed (by a job?); send the file again")
 
     def place(self, staged: StagedFile, folder: Parts, name: str) -> None:
         """Put a complete staged file at `folder/name` in one step: never a partial file there."""
@@ -407,48 +416,52 @@ def _walk(top: int, longest: int | None = None) -> Iterator[tuple[str, int, list
     """Every folder below the open folder `top` ('.' for itself, then paths below it), each with its
     open descriptor and its files (the descriptor stays open while they are handed over, to stat them).
 
-    Without recursion and with one open descriptor per level of the folder being read, however deep or
-    wide a job made the tree; never through a symlink. Names that the file routes would refuse are left
+    Without recursion, never through a symlink, and with two descriptors open at most, however deep or
+    wide a job made the tree: it goes down by name and back up by "..", checking that ".." is the folder
+    it came from (a tree moved meanwhile ends the walk). Names that the file routes would refuse are left
     out, and so are folders whose path below `top` is longer than `longest` bytes (what a request may
     name)."""
-    stack: list[tuple[int, str, Iterator[str]]] = []
+    above: list[tuple[tuple[int, int], str, Iterator[str]]] = []  # the folders above, and their children left
     fd, key = os.dup(top), "."
     try:
         while True:
-            if fd >= 0:
-                files: list[os.DirEntry[str]] = []
-                folders: list[str] = []
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        if name_problem(entry.name) is not None:
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            path = entry.name if key == "." else f"{key}/{entry.name}"
-                            if longest is None or len(path.encode()) <= longest:
-                                folders.append(entry.name)
-                        elif entry.is_file(follow_symlinks=False):
-                            files.append(entry)
-                yield key, fd, files
-                stack.append((fd, key, iter(folders)))
-                fd = -1
-            if not stack:
-                return
-            parent, parent_key, children = stack[-1]
-            name = next(children, None)
-            if name is None:
-                os.close(parent)
-                stack.pop()
-                continue
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-            except OSError:
-                continue  # removed, or swapped for a symlink, while we listed
-            key = name if parent_key == "." else f"{parent_key}/{name}"
+            files: list[os.DirEntry[str]] = []
+            folders: list[str] = []
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if name_problem(entry.name) is not None:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        path = entry.name if key == "." else f"{key}/{entry.name}"
+                        if longest is None or len(path.encode()) <= longest:
+                            folders.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        files.append(entry)
+            yield key, fd, files
+            info = os.fstat(fd)
+            above.append(((info.st_dev, info.st_ino), key, iter(folders)))
+            while True:  # the next folder: a child of this one, or of one above
+                _, parent_key, children = above[-1]
+                name = next(children, None)
+                if name is not None:
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue  # removed, or swapped for a symlink, while we listed
+                    os.close(fd)
+                    fd, key = child, (name if parent_key == "." else f"{parent_key}/{name}")
+                    break
+                above.pop()
+                if not above:
+                    return
+                parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                info = os.fstat(parent)
+                os.close(fd)
+                fd = parent
+                if (info.st_dev, info.st_ino) != above[-1][0]:
+                    return  # moved while we walked it: what was seen is what there is
     finally:
-        if fd >= 0:
-            os.close(fd)
-        for parent, _, _ in stack:
-            os.close(parent)
+        os.close(fd)
 
 
 def remove_tree(parent: int, name: str) -> None:

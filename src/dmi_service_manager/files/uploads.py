@@ -22,7 +22,7 @@ from python_multipart.multipart import parse_options_header as multipart_options
 from werkzeug.http import parse_options_header
 from werkzeug.utils import secure_filename
 
-from ..errors import BadRequest, Conflict, InsufficientStorage, PayloadTooLarge
+from ..errors import BadRequest, Conflict, DsmError, PayloadTooLarge
 from .storage import Parts, StagedFile, Storage, disk_full_is_507, display, split_path
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,12 @@ class UploadReceiver:
         part.filename = _utf8(filename)
         if part.field_name in ANSWER_KEYS:  # the answer lists files by their field, beside these keys
             raise BadRequest(f"a file's field may not be named {part.field_name!r}: the answer uses that key")
-        part.folder = split_path(part.field_name, f"field name {part.field_name!r}")
+        try:
+            part.folder = split_path(part.field_name, f"field name {part.field_name!r}")
+        except BadRequest as exc:  # this file's folder alone: refused alone, as any refused file
+            part.refused = True
+            self.errors[part.filename] = exc.message
+            return
         if is_placeholder(part.filename, part.field_name):
             part.placeholder = True
             return
@@ -221,7 +226,7 @@ class UploadReceiver:
                 chunk = chunk[:max(len(chunk) - (self.received - self.max_bytes), 0)]
             try:
                 parser.write(chunk)
-            except (BadRequest, PayloadTooLarge, InsufficientStorage, OSError):
+            except (DsmError, OSError):
                 raise
             except Exception as exc:  # python-multipart's MultipartParseError and friends
                 raise BadRequest(f"the multipart body could not be parsed: {exc}") from None
@@ -247,7 +252,8 @@ class UploadReceiver:
                 self.storage.ensure_dir(collection)
         for part in self.files:
             if part.refused:
-                accepted.setdefault(part.field_name, [])
+                if part.folder:  # a field that names a folder is in the answer, if only with no file
+                    accepted.setdefault(part.field_name, [])
                 continue
             target = (*collection, *part.folder)
             try:
