@@ -211,4 +211,9 @@ def containers_of(client: docker.DockerClient, instance: str | None, job_id: int
     labels = [f"{INSTANCE_LABEL}={instance}"]
     if job_id is not None:
         labels.append(f"dmi-service-manager.job={job_id}")
+    for _ in range(20):
+        try:
+            return list(client.containers.list(all=True, filters={"label": labels}))
+        except docker.errors.NotFound:  # the SDK inspects each one listed: one was removed in between
+            time.sleep(0.05)
     return list(client.containers.list(all=True, filters={"label": labels}))
