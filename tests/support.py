@@ -152,7 +152,7 @@ class Server:
     def remove_containers(self, client: docker.DockerClient) -> None:
         if self.instance is None:
             return
-        for container in client.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={self.instance}"}):
+        for container in containers_of(client, self.instance):
             try:
                 container.remove(force=True)
             except docker.errors.NotFound:
