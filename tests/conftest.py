@@ -83,10 +83,16 @@ def make_server(
         return server
 
     yield make
-    for server in servers:
-        server.stop()
-        server.remove_containers(docker_client)
+    problems: list[BaseException] = []
+    for server in servers:  # every server is stopped, whatever the clean-up of another one raised
+        try:
+            server.stop()
+            server.remove_containers(docker_client)
+        except Exception as exc:
+            problems.append(exc)
         _STOPPED.append(server)
+    if problems:
+        raise problems[0]
 
 
 @pytest.fixture
