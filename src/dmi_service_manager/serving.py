@@ -171,7 +171,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_size > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS:
             self._too_large()
             raise ValueError("request head too large")  # stops the parser; the answer is already sent
-        if sum(name == b"host" for name, _ in self.headers) > 1:  # which one names us? (RFC 9112 3.2)
+        hosts, body = 0, False  # one pass over the headers, on every request
+        for name, value in self.headers:
+            if name == b"host":
+                hosts += 1
+            elif name in (b"content-length", b"transfer-encoding") and value.strip() != b"0":
+                body = True
+        if hosts > 1:  # which one names us? (RFC 9112 3.2)
             self._refuse(400, b"Bad Request", "a request must carry one Host header, not several")
             raise ValueError("several Host headers")
         if self._head_timer is not None:
@@ -185,8 +191,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._pipeline_full = True
             self.cycle.keep_alive = False
             raise ValueError("too many pipelined requests")  # stops the parser
-        if any(name in (b"content-length", b"transfer-encoding") and value.strip() != b"0"
-               for name, value in self.headers):
+        if body:
             self._body_seen = self.loop.time()
             self._body_timer = self.loop.call_later(BODY_IDLE_SECONDS, self._body_idle)
 

@@ -247,7 +247,7 @@ class Storage:
                 continue  # removed between the two steps: from the top again
             finally:
                 os.close(top)
-        raise Conflict("the upload folder's staging area keeps being removed (by a job?); send the file again")
+        raise _staging_gone()
 
     def sweep_staging(self) -> int:
         """Remove what processes that are gone left half-written; returns how many folders."""
@@ -306,7 +306,7 @@ class Storage:
             finally:
                 if folder >= 0:
                     os.close(folder)
-        raise Conflict("the upload folder's staging area keeps being removed (by a job?); send the file again")
+        raise _staging_gone()
 
     def place(self, staged: StagedFile, folder: Parts, name: str) -> None:
         """Put a complete staged file at `folder/name` in one step: never a partial file there."""
@@ -412,9 +412,9 @@ def _newlines_after(fd: int, end: int) -> int:
     return _count_newlines(fd, end, size) if size > end else 0
 
 
-def _walk(top: int, longest: int | None = None) -> Iterator[tuple[str, int, list[os.DirEntry[str]]]]:
-    """Every folder below the open folder `top` ('.' for itself, then paths below it), each with its
-    open descriptor and its files (the descriptor stays open while they are handed over, to stat them).
+def _walk(top: int, longest: int | None = None) -> Iterator[tuple[str, os.stat_result, list[os.DirEntry[str]]]]:
+    """Every folder below the open folder `top` ('.' for itself, then paths below it), each with its own
+    stat and its files (its descriptor stays open while they are handed over, so that they can be stat'ed).
 
     Without recursion, never through a symlink, and with two descriptors open at most, however deep or
     wide a job made the tree: it goes down by name and back up by "..", checking that ".." is the folder
@@ -437,8 +437,8 @@ def _walk(top: int, longest: int | None = None) -> Iterator[tuple[str, int, list
                             folders.append(entry.name)
                     elif entry.is_file(follow_symlinks=False):
                         files.append(entry)
-            yield key, fd, files
             info = os.fstat(fd)
+            yield key, info, files
             above.append(((info.st_dev, info.st_ino), key, iter(folders)))
             while True:  # the next folder: a child of this one, or of one above
                 _, parent_key, children = above[-1]
@@ -497,12 +497,12 @@ def _real_folder(parent: int, name: str) -> int:
 def _replace_intruder(parent: int, name: str) -> None:
     """Remove what stands where a folder of ours belongs: the link or the file itself, never its target."""
     log.warning("%s in the upload folder was not a folder (a job replaced it?); it is removed and made again", name)
-    try:
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # gone, or a real folder, meanwhile
         os.unlink(name, dir_fd=parent)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:  # became a real folder meanwhile
-        pass
+
+
+def _staging_gone() -> Conflict:
+    return Conflict("the upload folder's staging area keeps being removed (by a job?); send the file again")
 
 
 @dataclass(frozen=True)
@@ -515,9 +515,9 @@ class Collection:
 
 def _measure(name: str, top: int) -> Collection:
     """What a collection holds, however deep: retention must see a file at the bottom of any tree."""
-    newest, files, size = os.fstat(top).st_mtime, 0, 0
-    for _, folder, found in _walk(top):
-        newest = max(newest, os.fstat(folder).st_mtime)
+    newest, files, size = 0.0, 0, 0
+    for _, folder, found in _walk(top):  # `top` itself first
+        newest = max(newest, folder.st_mtime)
         for entry in found:
             try:
                 info = entry.stat(follow_symlinks=False)

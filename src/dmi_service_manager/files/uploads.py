@@ -129,8 +129,7 @@ class UploadReceiver:
         try:
             part.folder = split_path(part.field_name, f"field name {part.field_name!r}")
         except BadRequest as exc:  # this file's folder alone: refused alone, as any refused file
-            part.refused = True
-            self.errors[part.filename] = exc.message
+            self._refuse(part, exc.message)
             return
         if is_placeholder(part.filename, part.field_name):
             part.placeholder = True
@@ -138,11 +137,14 @@ class UploadReceiver:
         part.name = secure_filename(part.filename)
         reason = self._refusal(part.name)
         if reason:
-            part.refused = True
-            self.errors[part.filename] = reason
+            self._refuse(part, reason)
             return
         with disk_full_is_507():
             part.staged = self.storage.new_staged_file()
+
+    def _refuse(self, part: _Part, reason: str) -> None:
+        part.refused = True
+        self.errors[part.filename or ""] = reason
 
     def _refusal(self, name: str) -> str | None:
         """Why a file cannot be stored under `name` (its sanitised name), or None. The extension is the
@@ -267,7 +269,7 @@ class UploadReceiver:
                     stored_files += 1
                     stored_bytes += size
             except Conflict as exc:  # a folder, or a non-folder, in the way of this file only: refuse it alone
-                self.errors[part.filename or ""] = exc.message
+                self._refuse(part, exc.message)
                 accepted.setdefault(part.field_name, [])
                 continue
             finally:

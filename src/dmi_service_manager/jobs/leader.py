@@ -82,8 +82,8 @@ class Leadership:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            named = os.stat(self.lock_path)
-            if (named.st_dev, named.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            named, held = os.stat(self.lock_path), os.fstat(fd)
+            if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
                 raise FileNotFoundError  # removed or replaced between the open and the lock: not the lock
         except (BlockingIOError, FileNotFoundError):
             os.close(fd)

@@ -584,20 +584,18 @@ def _original_results(status: str, text: Any) -> tuple[str, str] | None:
     `complete` whose returncode says it failed is an `error` (4CAT decides by the returncode); one with no
     results at all keeps the original's word, with a note."""
     results = _json_object(text)
-    if results and isinstance(results.get("returncode"), int) and not isinstance(results["returncode"], bool) \
-            and isinstance(results.get("error"), str) and (results["returncode"] == 0) == (status == "complete"):
+    code, error = results.get("returncode"), results.get("error")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    error = error if isinstance(error, str) else None
+    if code is not None and error is not None and (code == 0) == (status == "complete"):
         return None
     note = "The original server recorded no usable results for this job."
-    code = results.get("returncode")
-    code = code if isinstance(code, int) and not isinstance(code, bool) else None
     if status == "complete" and code not in (None, 0):
         status = "error"
     if status == "complete":
-        fixed = {**results, "returncode": 0, "error": results.get("error") if isinstance(results.get("error"), str)
-                 else "", "note": note}
+        fixed = {**results, "returncode": 0, "error": error or "", "note": note}
     else:
-        fixed = {**results, "returncode": code or 1,
-                 "error": results["error"] if isinstance(results.get("error"), str) and results["error"] else note}
+        fixed = {**results, "returncode": code or 1, "error": error or note}
     return status, json.dumps(fixed)
 
 
