@@ -276,6 +276,26 @@ def test_downloads_stream_with_length_etag_and_ranges(server: Server, tmp_path: 
     assert server.get("/api/download/dl/results").status_code == 404  # a folder is not a file
 
 
+def test_a_file_that_shrinks_while_it_is_sent_cuts_the_download_and_says_so_once(server: Server,
+                                                                                 tmp_path: Path) -> None:
+    """Its length was promised in the head: the connection closes short of it, so the client cannot take
+    the rest for the whole file, and the log names the cause in one line instead of two tracebacks."""
+    path = tmp_path / "uploads" / "shrinks" / "big.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x" * (64 << 20))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /api/download/shrinks/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200") and b"content-length: 67108864" in received.lower()
+        os.truncate(path, 1000)
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert len(received) < 64 << 20  # closed short of the promised length
+    wait_until(lambda: "the file shrank while it was sent" in server.log(), 10, what="the cut in the log")
+    assert "Traceback" not in server.log()
+    assert server.get("/api/download/shrinks/big.bin").content == b"x" * 1000  # and the server goes on
+
+
 def test_list_filenames_lists_nested_and_empty_folders(server: Server, tmp_path: Path) -> None:
     root = tmp_path / "uploads" / "nest"
     (root / "a" / "b" / "c").mkdir(parents=True)
@@ -338,7 +358,7 @@ def test_retention_removes_only_old_collections_no_job_uses(make_server: Callabl
     server.start()  # the sweep runs when the scheduler starts, then hourly
     wait_until(lambda: not (uploads / "old").exists(), 15, what="the old collection to be removed")
     assert (uploads / "fresh").exists() and (uploads / "old-but-used").exists()
-    assert "retention: removed collection old" in server.log()
+    wait_until(lambda: "retention: removed collection old" in server.log(), 5, what="the removal in the log")
     server.delete(f"/api/jobs/{blocker}")
 
 
@@ -553,3 +573,22 @@ def test_ranges_and_conditions_on_downloads_follow_rfc_9110(server: Server, tmp_
     assert server.get(url, headers={"If-Unmodified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}).status_code == 412
     wrong = server.post(url)
     assert wrong.status_code == 405 and "GET" in wrong.headers["Allow"] and wrong.json()["reason"]
+
+
+def test_head_is_answered_wherever_get_is_as_flask_did(server: Server, tmp_path: Path) -> None:
+    """The original ran on Flask, which answers HEAD on every GET route: the same status and headers,
+    no body. A route that takes no GET still refuses HEAD, naming what it takes."""
+    (tmp_path / "uploads" / "heads").mkdir(parents=True)
+    (tmp_path / "uploads" / "heads" / "a.txt").write_text("one\ntwo\n")
+    for path, params in (("/api/list_filenames/heads", {}), ("/api/list_files", {"folder_name": "heads"}),
+                         ("/jobs/", {}), ("/api/collections", {}), ("/api/health", {}),
+                         ("/api/linecount/", {"folder": "heads", "file": "a.txt"})):
+        got = server.get(path, params=params)
+        head = requests.head(f"{server.url}{path}", params=params, timeout=30)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+    missing = requests.head(f"{server.url}/api/list_filenames/absent", timeout=30)
+    assert missing.status_code == 404 and missing.content == b""
+    refused = requests.head(f"{server.url}/api/send_files", timeout=30)
+    assert refused.status_code == 405 and "POST" in refused.headers["Allow"]
+    assert "head" not in server.get("/openapi.json").json()["paths"]["/api/list_filenames/{collection}"]

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import signal
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from .api.auth import Gate, TokenMiddleware
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
 from .config import Config, load_config
 from .context import AppContext
-from .errors import BadRequest, DsmError
+from .errors import AnswerCut, BadRequest, DsmError
 from .metrics import HttpMetrics, Metrics
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    if not isinstance(exc, AnswerCut):  # logged where it happened; its answer is under way
+        log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
     return _error_body(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -151,6 +153,7 @@ def _die_with_supervisor() -> None:
 def create_app(config: Config, port: int) -> FastAPI:
     context = AppContext.build(config, port)
     serving.use_policy(context.policy)
+    serving.quiet_cut_answers()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,11 +179,22 @@ def create_app(config: Config, port: int) -> FastAPI:
     app.router.routes.extend(route for router in routers for route in router.routes)
     app.router.routes.sort(key=lambda r: HOT_PATHS.index(getattr(r, "path", "")) if getattr(r, "path", "") in HOT_PATHS
                            else len(HOT_PATHS))
+    # Flask, which the original ran on, answers HEAD wherever it answers GET (uvicorn sends no body).
+    implied_head: set[str] = set()  # as the OpenAPI document names their paths
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and "GET" in route.methods and "HEAD" not in route.methods:
+            route.methods.add("HEAD")
+            implied_head.add(route.path_format)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = schemas.with_components(generate())
+            with warnings.catch_warnings():  # a route's GET and HEAD share its operation id; HEAD is dropped
+                warnings.filterwarnings("ignore", "Duplicate Operation ID")
+                document = generate()
+            for path in implied_head:
+                document.get("paths", {}).get(path, {}).pop("head", None)
+            app.openapi_schema = schemas.with_components(document)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

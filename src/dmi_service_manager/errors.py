@@ -80,3 +80,9 @@ class GpuUnavailable(DsmError):
     """No GPU can serve this request; 4CAT reads a 503 here as 'out of GPU memory'."""
 
     status_code = 503
+
+
+class AnswerCut(Exception):
+    """An answer already under way cannot be finished (the file being sent shrank). Its status and length
+    are sent, so no error body can follow: the connection is closed, and the client sees a short answer.
+    The cause is logged once where it is found; the servers' own tracebacks for it are dropped."""

@@ -28,6 +28,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .access import AccessPolicy
+from .errors import AnswerCut
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,21 @@ _policy: AccessPolicy | None = None
 def use_policy(policy: AccessPolicy) -> None:
     global _policy
     _policy = policy
+
+
+class _DropCutAnswers(logging.Filter):
+    """uvicorn logs a traceback for every exception out of the app; an AnswerCut was logged, in one line,
+    where it happened, and closing the connection (which uvicorn does) is all there is to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], AnswerCut))
+
+
+def quiet_cut_answers() -> None:
+    """Called in each worker once uvicorn has set up its logging, which would replace an earlier filter."""
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropCutAnswers) for f in server_log.filters):
+        server_log.addFilter(_DropCutAnswers())
 
 
 def raise_descriptor_limit() -> tuple[int, int]:

@@ -17,7 +17,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BadRequest, PreconditionFailed, RangeNotSatisfiable
+from ..errors import AnswerCut, BadRequest, PreconditionFailed, RangeNotSatisfiable
 from ..files.service import FileService
 from ..files.storage import OpenFile
 from ..metrics import transferred
@@ -151,20 +151,27 @@ def _file_response(request: Request, opened: OpenFile, name: str) -> Response:
         opened.close()
         return Response(status_code=status, headers=headers, media_type=media_type)
     transferred("download", 1, 0)
-    return StreamingResponse(_chunks(opened.read(start, end)), status_code=status, headers=headers,
-                             media_type=media_type)
+    return StreamingResponse(_chunks(opened.read(start, end), end - start, name), status_code=status,
+                             headers=headers, media_type=media_type)
 
 
-async def _chunks(reading: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """Each read in a thread; the file closes when the reading ends, however it ends."""
+async def _chunks(reading: Iterator[bytes], promised: int, name: str) -> AsyncIterator[bytes]:
+    """Each read in a thread; the file closes when the reading ends, however it ends. A file that shrinks
+    while it is sent cuts the answer: Content-Length promised more than is left."""
+    sent = 0
     try:
         async for data in iterate_in_threadpool(reading):
             yield data
+            sent += len(data)
             transferred("download", 0, len(data))
     finally:
         close = getattr(reading, "close", None)
         if close is not None:
             close()
+    if sent < promised:
+        log.warning("download of %s cut after %d of %d bytes: the file shrank while it was sent", name, sent,
+                    promised)
+        raise AnswerCut(name)
 
 
 def _preconditions(request: Request, etag: str, mtime: float) -> int | None:
