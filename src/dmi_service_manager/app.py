@@ -182,7 +182,7 @@ def create_app(config: Config, port: int) -> FastAPI:
     # Flask, which the original ran on, answers HEAD wherever it answers GET (uvicorn sends no body).
     implied_head: set[str] = set()  # as the OpenAPI document names their paths
     for route in app.router.routes:
-        if isinstance(route, APIRoute) and "GET" in route.methods and "HEAD" not in route.methods:
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods and "HEAD" not in route.methods:
             route.methods.add("HEAD")
             implied_head.add(route.path_format)
     generate = app.openapi
