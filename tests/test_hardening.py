@@ -286,6 +286,21 @@ def test_forwarded_hosts_that_are_no_host_names_never_reach_the_result_url(make_
         "https://dsm.example.org:8443/api/jobs/")
 
 
+def test_a_target_in_absolute_form_names_the_host_as_rfc_9112_says(server: Server) -> None:
+    """A forward proxy may send `POST http://host:port/path`: the target's authority names the server, and
+    the Host headers are ignored. Who may call is still decided by the peer's address."""
+    body = b'{"args": []}'
+    head = (b"POST http://dsm.example:8080/api/fake_local HTTP/1.1\r\nHost: other.example\r\nHost: a\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    code, answer = _status_and_json(_raw(server.port, head + body))
+    assert code == 202 and answer["result_url"] == f"http://dsm.example:8080/api/jobs/{answer['key']}"
+    code, answer = _status_and_json(_raw(server.port, b"GET http://[::1]:5/api/jobs/%d HTTP/1.1\r\nHost: x\r\n"
+                                         b"Connection: close\r\n\r\n" % answer["key"]))
+    assert code == 200 and answer["job"]["status"]
+    code, answer = _status_and_json(_raw(server.port, b"GET http://h:1 HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert code == 400 and answer["reason"]  # no path: no route to try
+
+
 def test_the_originals_double_slash_result_url_is_served(server: Server) -> None:
     key = server.submit("fake_local", [])["key"]
     answer = requests.get(f"{server.url}//api/jobs/{key}", timeout=30)  # as 4CAT sends the original's URL

@@ -25,6 +25,7 @@ import socket
 import time
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .access import AccessPolicy
@@ -193,7 +194,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 hosts += 1
             elif name in (b"content-length", b"transfer-encoding") and value.strip() != b"0":
                 body = True
-        if hosts > 1:  # which one names us? (RFC 9112 3.2)
+        if self.url[:1] != b"/" and self._authority_from_url():
+            pass  # an absolute-form target names the host; the Host headers are ignored (RFC 9112 3.2.2)
+        elif hosts > 1:  # which one names us? (RFC 9112 3.2)
             self._refuse(400, b"Bad Request", "a request must carry one Host header, not several")
             raise ValueError("several Host headers")
         if self._head_timer is not None:
@@ -210,6 +213,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if body:
             self._body_seen = self.loop.time()
             self._body_timer = self.loop.call_later(BODY_IDLE_SECONDS, self._body_idle)
+
+    def _authority_from_url(self) -> bool:
+        """For a target in absolute form (`GET http://host:4000/api/jobs/1`, as a forward proxy may send
+        it): the Host header becomes the target's authority, so the URLs this server hands out name it."""
+        try:
+            parsed = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            return False
+        if not parsed.host or (parsed.schema or b"").lower() not in (b"http", b"https"):
+            return False
+        host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+        authority = host + (b":%d" % parsed.port if parsed.port else b"")
+        self.headers[:] = [(n, v) for n, v in self.headers if n != b"host"] + [(b"host", authority)]  # the scope's
+        return True
 
     def on_message_complete(self) -> None:
         if self._body_timer is not None:
