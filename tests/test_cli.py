@@ -330,6 +330,15 @@ def test_token_commands_run_on_the_servers_config(server: Server) -> None:
     assert dsm("token", "revoke", "--name", "ci-bot", "--config", str(server.config_path)).returncode == 0
     assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
     assert dsm("token", "create", "--config", str(server.config_path)).returncode == 2
+    assert f"tokens in {server.config['DATABASE_FILE']}" in listed.stderr and "new database" not in listed.stderr
+
+
+def test_token_commands_say_which_database_they_use_and_when_it_is_new(tmp_path: Path) -> None:
+    """Run from another folder, the embedded default names another database than the server's: a token
+    made there would never work, so the command says where it writes."""
+    listed = dsm("token", "list", cwd=tmp_path)
+    assert listed.returncode == 0
+    assert f"tokens in {tmp_path / 'dsm-data' / 'jobs.db'}" in listed.stderr and "new database" in listed.stderr
 
 
 def test_terminal_control_sequences_from_a_container_are_not_passed_to_the_terminal(server: Server) -> None:

@@ -98,6 +98,8 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(server: Server, 
     assert server.get("/static/dashboard.css").headers["Content-Type"].startswith("text/css")
     again = server.get("/static/dashboard.js", headers={"If-None-Match": script.headers["ETag"]})
     assert again.status_code == 304
+    slash = server.get("/dashboard/")  # followed to the page, whose relative file names then resolve
+    assert slash.status_code == 200 and slash.url == f"{server.url}/dashboard" and 'src="static/' in slash.text
     for missing in ("/static/dashboard.html", "/static/..%2fdashboard.py", "/static/nope.js"):
         answer = server.get(missing)
         assert answer.status_code == 404 and answer.json()["status"] == "error"

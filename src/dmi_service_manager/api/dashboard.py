@@ -74,6 +74,11 @@ def router() -> APIRouter:
     async def dashboard(request: Request) -> Response:
         return page.response(request, {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY"})
 
+    @api.get("/dashboard/", include_in_schema=False)
+    async def dashboard_slash() -> Response:
+        # The page's files are named relative to it (so it works below a proxy's prefix): not served here.
+        return Response(status_code=308, headers={"Location": "../dashboard"})
+
     @api.get("/static/{name}", include_in_schema=False)
     async def static(request: Request, name: str) -> Response:
         found = files.get(name)

@@ -292,7 +292,7 @@ def download(collection: str, path: str | None, out: Path | None, server: str, t
     return _report("downloaded", report, started, as_json)
 
 
-@click.command(short_help="Run the OCR demo against a running server.")
+@click.command(short_help="Run the OCR and speech-to-text demos against a running server.")
 @server_options
 @click.option("--out", default="dsm-data/demo-results", show_default=True,
               help="where to save the downloaded results")

@@ -112,7 +112,13 @@ def _tokens(config: str | None) -> Any:
     from ..jobs.store import Store
     from ..tokens import Tokens
 
-    store = Store(_load(config).config.database_file)
+    loaded = _load(config)
+    database = Path(loaded.config.database_file).resolve()
+    # A token in another database than the server's is never accepted: say which one this is.
+    note = "" if database.exists() else "; a new database: no server has used it yet (is this the server's folder" \
+        " or config? see --config)"
+    print(f"tokens in {database} ({loaded.source}){note}", file=sys.stderr)
+    store = Store(loaded.config.database_file)
     store.migrate()
     return Tokens(store)
 

@@ -73,6 +73,9 @@ def text_and_words(tsv: str) -> tuple[str, list[dict[str, Any]]]:
     return text, words
 
 
+NO_TEXT = "no text found in the image"  # read, but blank: a result, not a failure to read
+
+
 def recognise(path: str, lang: str, model_type: str, requested: str) -> dict[str, Any]:
     """One image's result; whatever goes wrong with one image never stops the others."""
     try:
@@ -98,7 +101,7 @@ def _recognise(path: str, lang: str, model_type: str, requested: str) -> dict[st
         return {**result, "success": False, "error": f"the image could not be read: {problem}"}
     text, words = text_and_words(done.stdout)
     if not text.strip():
-        return {**result, "success": False, "error": "no text found in the image"}
+        return {**result, "success": False, "error": NO_TEXT}
     return {**result, "success": True, "simplified_text": {"raw_text": text}, "raw_output": words}
 
 
@@ -152,18 +155,25 @@ def main(argv: list[str]) -> int:
     progress = Progress(args.database_key, args.dmi_sm_server, len(args.images))
     workers = args.workers or os.cpu_count() or 1
     failed = 0
+    unread: list[str] = []  # errors of images that could not be read at all
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(recognise, path, args.lang, model_type, args.model) for path in args.images]
         for done, future in enumerate(as_completed(futures), start=1):
             result = future.result()
             write_result(args.output_dir, result)
             failed += not result["success"]
+            if not result["success"] and result["error"] != NO_TEXT:
+                unread.append(result["error"])
             progress.report(done)
     progress.report(len(args.images), force=True)
     with contextlib.suppress(OSError):  # left only if another writer still uses it
         os.rmdir(os.path.join(args.output_dir, PARTIAL_DIR))
     print(f"OCR done: {len(args.images) - failed} of {len(args.images)} images with text ({model_type}, "
           f"language {args.lang})")
+    if args.images and len(unread) == len(args.images):
+        # Each image has its failure file, but a job that read nothing is no success: 4CAT shows this.
+        print(f"ocr: none of the {len(args.images)} image(s) could be read; first: {unread[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
