@@ -116,4 +116,5 @@ def test_require_token_closes_every_route_but_the_pages_and_container_progress(
     assert server.get(f"/api/jobs/{key}", headers=bearer(read)).status_code == 200
     # The dashboard's page and the API description carry no data.
     assert server.get("/").status_code == 200
+    assert server.get("/dashboard/").status_code == 200  # by way of its redirect to /dashboard
     assert server.get("/openapi.json").status_code == 200

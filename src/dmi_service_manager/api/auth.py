@@ -22,7 +22,7 @@ from .http import CALLER_KEY, json_response
 
 PRINCIPAL_KEY = "dsm.principal"  # the Principal a valid token stands for, when one was sent
 TES_PREFIX = "/ga4gh/tes/v1"
-OPEN_PAGES = frozenset({"/", "/dashboard", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+OPEN_PAGES = frozenset({"/", "/dashboard", "/dashboard/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
                         f"{TES_PREFIX}/service-info"})
 OPEN_PREFIXES = ("/static/",)
 READING = frozenset({"GET", "HEAD", "OPTIONS"})
