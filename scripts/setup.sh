@@ -52,10 +52,13 @@ if [ ! -x "$root/.venv/bin/python" ]; then
   say "creating the Python virtual environment in .venv"
   python3 -m venv "$root/.venv"
 fi
-stamp="$root/.venv/.dsm-installed"
+# The service needs only its own dependencies; the tests add theirs (pytest, the fuzzer, the browser driver...).
+extras="" stamp="$root/.venv/.dsm-installed"
+if [ "${1:-}" = --tests ]; then extras="[dev]" stamp="$root/.venv/.dsm-installed-dev"; fi
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-  say "installing the project and its Python dependencies into .venv"
+  say "installing the project and its Python dependencies${extras:+ (with the test tools)} into .venv"
   "$root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$root/.venv/bin/python" -m pip install -q -e "$root[dev]"
+  "$root/.venv/bin/python" -m pip install -q -e "$root$extras"
   touch "$stamp"
+  if [ -n "$extras" ]; then touch "$root/.venv/.dsm-installed"; fi  # the test install holds the service's
 fi
