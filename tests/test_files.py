@@ -575,9 +575,10 @@ def test_ranges_and_conditions_on_downloads_follow_rfc_9110(server: Server, tmp_
     assert wrong.status_code == 405 and "GET" in wrong.headers["Allow"] and wrong.json()["reason"]
 
 
-def test_head_is_answered_wherever_get_is_as_flask_did(server: Server, tmp_path: Path) -> None:
-    """The original ran on Flask, which answers HEAD on every GET route: the same status and headers,
-    no body. A route that takes no GET still refuses HEAD, naming what it takes."""
+def test_head_and_options_are_answered_as_flask_did(server: Server, tmp_path: Path) -> None:
+    """The original ran on Flask, which answers HEAD on every GET route (the same status and headers, no
+    body) and OPTIONS on every route (the methods it takes). A route that takes no GET still refuses HEAD,
+    and every 405 names all the methods its path takes, whichever route of it was tried first."""
     (tmp_path / "uploads" / "heads").mkdir(parents=True)
     (tmp_path / "uploads" / "heads" / "a.txt").write_text("one\ntwo\n")
     for path, params in (("/api/list_filenames/heads", {}), ("/api/list_files", {"folder_name": "heads"}),
@@ -592,3 +593,8 @@ def test_head_is_answered_wherever_get_is_as_flask_did(server: Server, tmp_path:
     refused = requests.head(f"{server.url}/api/send_files", timeout=30)
     assert refused.status_code == 405 and "POST" in refused.headers["Allow"]
     assert "head" not in server.get("/openapi.json").json()["paths"]["/api/list_filenames/{collection}"]
+    key = server.submit("fake_local", [])["key"]
+    options = requests.options(f"{server.url}/api/jobs/{key}", timeout=30)
+    assert options.status_code == 200 and options.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS"
+    put = requests.put(f"{server.url}/api/jobs/{key}", timeout=30)
+    assert put.status_code == 405 and put.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS" and put.json()["reason"]

@@ -310,6 +310,7 @@ def test_views_hold_what_the_spec_says(shared: Tes) -> None:
     for view, one in (("MINIMAL", minimal), ("BASIC", basic), ("FULL", full)):
         assert shared.api.list({"name_prefix": name, "view": view})["tasks"] == [one]
     assert_error(shared.api.call("GET", f"/tasks/{task_id}", params={"view": "EVERYTHING"}), 400, "view")
+    assert_error(shared.api.call("GET", f"/tasks/{task_id}", params={"view": "bas\u0131c"}), 400, "view")  # dotless ı
 
 
 def test_lists_filter_by_name_prefix_and_state(shared: Tes) -> None:
@@ -705,6 +706,21 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
      "resources.backend_parameters.gpu_memory"),
     ("timeout-with-underscore", {"executors": [GOOD], "resources": {"backend_parameters": {"timeout": "1_0"}}},
      "resources.backend_parameters.timeout"),
+    ("input-url-host-label-too-long", {"executors": [GOOD], "inputs": [{"url": f"http://{'a' * 64}.com/",
+                                                                        "path": "/in/a"}]}, "inputs[0].url"),
+    # less memory than Docker takes (6 MiB) would be rounded to no limit at all
+    ("ram-below-what-docker-takes", {"executors": [GOOD], "resources": {"ram_gb": 1e-10}}, "resources.ram_gb"),
+    # paths that could never be mounted together, refused before the engine says so at the start
+    ("two-inputs-one-path", {"executors": [GOOD], "inputs": [{"path": "/in/x", "content": "a"},
+                                                             {"path": "/in/x", "content": "b"}]}, "inputs[1].path"),
+    ("an-input-inside-a-file-input", {"executors": [GOOD], "inputs": [{"path": "/in/x/y", "content": "a"},
+                                                                      {"path": "/in/x", "content": "b"}]},
+     "inputs[0].path"),
+    ("workdir-a-file-input", {"executors": [{**GOOD, "workdir": "/in/x"}],
+                              "inputs": [{"path": "/in/x", "content": "a"}]}, "executors[0].workdir"),
+    ("volume-a-file-input", {"executors": [GOOD], "volumes": ["/v"], "inputs": [{"path": "/v", "content": "a"}]},
+     "volumes[0]"),
+    ("stdout-name-past-255-bytes", {"executors": [{**GOOD, "stdout": "/out/" + "a" * 256}]}, "executors[0].stdout"),
 ]
 
 

@@ -106,11 +106,20 @@ async def _dsm_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    message = {404: f"Not found: {request.url.path}", 405: f"Method {request.method} not allowed here"}.get(
-        exc.status_code, str(exc.detail)
-    )
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route whose path matched; several routes may share it.
+        allowed = {method for route in request.app.router.routes
+                   if (regex := getattr(route, "path_regex", None)) and regex.match(request.scope["path"])
+                   for method in (getattr(route, "methods", None) or ())}
+        allow = ", ".join(sorted(allowed | {"OPTIONS"}))
+        if request.method == "OPTIONS":  # as Flask answered it for the original
+            return Response(status_code=200, headers={"Allow": allow})
+        response = _error_body(405, f"Method {request.method} not allowed here")
+        response.headers["Allow"] = allow
+        return response
+    message = {404: f"Not found: {request.url.path}"}.get(exc.status_code, str(exc.detail))
     response = _error_body(exc.status_code, message)
-    response.headers.update(exc.headers or {})  # a 405's Allow
+    response.headers.update(exc.headers or {})
     return response
 
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ..errors import BadRequest
 
 MAX_CONTENT_BYTES = 1024 * 1024
+MIN_RAM_GB = 6 * 1024 * 1024 / 1e9
 WILDCARDS = frozenset("*?[")
 RESERVED = ("/proc", "/sys", "/dev", "/.dsm")
 
@@ -35,6 +36,8 @@ def container_path(value: str) -> str:
         raise ValueError(f"must not be inside {', '.join(RESERVED)}")
     if len(normal.encode()) > 4096:
         raise ValueError("is too long")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise ValueError("has a name longer than 255 bytes, more than a file system takes")
     return normal
 
 
@@ -139,7 +142,8 @@ class Output(_Model):
 class Resources(_Model):
     cpu_cores: int | None = Field(None, ge=1, le=4096)
     preemptible: bool | None = None
-    ram_gb: float | None = Field(None, gt=0, le=1024 * 1024)
+    # Docker's least memory limit is 6 MiB; less would be rounded to no limit at all.
+    ram_gb: float | None = Field(None, ge=MIN_RAM_GB, le=1024 * 1024)
     disk_gb: float | None = Field(None, gt=0, le=1024 * 1024 * 1024)
     zones: list[str] | None = None
     backend_parameters: dict[str, str] = Field(default_factory=dict)
@@ -163,6 +167,40 @@ class Task(_Model):
             raise ValueError("may hold at most 1000 tags")
         return value
 
+    @model_validator(mode="after")
+    def _mounts(self) -> Task:
+        """Paths that could never be mounted together are refused here, naming the field, rather than
+        ending the task at its start with the engine's words: a file holds no other path, an input has
+        a path of its own, and a folder is no file."""
+        files: dict[str, str] = {}  # container path -> the field that makes it a file
+        inputs: dict[str, str] = {}
+        for index, item in enumerate(self.inputs):
+            field = f"inputs[{index}].path"
+            if item.path in inputs:
+                raise ValueError(f"{field}: the same path as {inputs[item.path]}")
+            inputs[item.path] = field
+            if item.type == "FILE":
+                files[item.path] = field
+        for index, executor in enumerate(self.executors):
+            for name in ("stdout", "stderr"):
+                path = getattr(executor, name)
+                if path is not None and path not in files:
+                    files[path] = f"executors[{index}].{name}"
+        folders = [(p, f"volumes[{i}]") for i, p in enumerate(self.volumes)]
+        folders += [(item.path, f"inputs[{i}].path") for i, item in enumerate(self.inputs) if item.type == "DIRECTORY"]
+        folders += [(o.path, f"outputs[{i}].path") for i, o in enumerate(self.outputs) if o.type == "DIRECTORY"]
+        folders += [(e.workdir, f"executors[{i}].workdir") for i, e in enumerate(self.executors) if e.workdir]
+        for path, field in [*files.items(), *folders]:
+            parts = path.split("/")
+            for depth in range(2, len(parts)):  # each folder above it: /a, /a/b, ...
+                above = "/".join(parts[:depth])
+                if above in files:
+                    raise ValueError(f"{field}: inside {above}, which {files[above]} makes a file")
+        for path, field in folders:
+            if path in files:
+                raise ValueError(f"{field}: {path} is a folder here and a file in {files[path]}")
+        return self
+
 
 def field_name(location: tuple[int | str, ...]) -> str:
     """`('executors', 0, 'image')` as the field a client wrote: `executors[0].image`."""
@@ -182,7 +220,7 @@ def parse_task(body: Any) -> Task:
         first = exc.errors()[0]
         location = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = first["msg"].removeprefix("Value error, ")
-        inner = re.match(r"(\w+): (.*)", message) if first["type"] == "value_error" else None
+        inner = re.match(r"([\w.\[\]]+): (.*)", message) if first["type"] == "value_error" else None
         if inner:  # a check across fields names the one it is about
             location, message = (*location, inner.group(1)), inner.group(2)
         where = field_name(location)

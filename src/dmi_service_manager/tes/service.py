@@ -202,7 +202,7 @@ def _backend_problem(name: str, value: str) -> str | None:
 
 def _view(view: str | None) -> str:
     chosen = (view or "MINIMAL").upper()
-    if chosen not in VIEWS:
+    if chosen not in VIEWS or not (view or "").isascii():  # "basıc".upper() is "BASIC"
         raise BadRequest(f"view must be one of {', '.join(VIEWS)}", extra={"field": "view"})
     return chosen
 

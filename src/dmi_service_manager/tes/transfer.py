@@ -187,6 +187,11 @@ class HttpPolicy:
         try:
             refusal = self.refusal(parts.hostname)
         except ValueError:
+            try:
+                parts.hostname.encode("idna")  # what resolving it will do: labels of 1 to 63 characters
+            except UnicodeError:
+                raise BadRequest(f"{field}: {parts.hostname[:80]!r} is not a host name", extra={"field": field}) \
+                    from None
             return  # a name: resolved and checked when the input is fetched
         if refusal:
             raise BadRequest(f"{field}: {refusal}", extra={"field": field})
@@ -253,8 +258,8 @@ class HttpPolicy:
         """The first address of `host` that may be fetched from; TransferFailed naming why none may."""
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise TransferFailed(f"cannot resolve {host}: {exc}") from None
+        except (OSError, UnicodeError) as exc:  # UnicodeError: not a host name (a redirect's, say)
+            raise TransferFailed(f"cannot resolve {host[:80]}: {exc}") from None
         reasons = []
         for *_, sockaddr in found:
             address = str(sockaddr[0])
