@@ -588,11 +588,22 @@ def test_head_and_options_are_answered_as_flask_did(server: Server, tmp_path: Pa
         head = requests.head(f"{server.url}{path}", params=params, timeout=30)
         assert (head.status_code, head.content) == (got.status_code, b""), path
         assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+        if path != "/jobs/":  # streamed: its length is not known ahead
+            assert head.headers["Content-Length"] == got.headers["Content-Length"], path
     missing = requests.head(f"{server.url}/api/list_filenames/absent", timeout=30)
     assert missing.status_code == 404 and missing.content == b""
     refused = requests.head(f"{server.url}/api/send_files", timeout=30)
     assert refused.status_code == 405 and "POST" in refused.headers["Allow"]
     assert "head" not in server.get("/openapi.json").json()["paths"]["/api/list_filenames/{collection}"]
+    # A followed log is not followed for a HEAD: the connection is free for the next request at once.
+    running = server.submit("fake_local", ["--sleep", "30"])["key"]
+    server.wait_status(running, "running")
+    with requests.Session() as session:
+        head = session.head(f"{server.url}/api/jobs/{running}/logs", params={"follow": "1"}, timeout=10)
+        assert head.status_code == 200 and head.headers["Content-Type"].startswith("text/plain")
+        assert session.get(f"{server.url}/api/health", timeout=5).status_code == 200
+    assert requests.head(f"{server.url}/api/jobs/424242/logs", timeout=10).status_code == 404
+    server.delete(f"/api/jobs/{running}")
     key = server.submit("fake_local", [])["key"]
     options = requests.options(f"{server.url}/api/jobs/{key}", timeout=30)
     assert options.status_code == 200 and options.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS"

@@ -297,6 +297,10 @@ def test_a_target_in_absolute_form_names_the_host_as_rfc_9112_says(server: Serve
     code, answer = _status_and_json(_raw(server.port, b"GET http://[::1]:5/api/jobs/%d HTTP/1.1\r\nHost: x\r\n"
                                          b"Connection: close\r\n\r\n" % answer["key"]))
     assert code == 200 and answer["job"]["status"]
+    https = (b"POST https://[::1]:5/api/fake_local HTTP/1.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n")
+    code, answer = _status_and_json(_raw(server.port, https % len(body) + body))
+    assert code == 202 and answer["result_url"] == f"https://[::1]:5/api/jobs/{answer['key']}"
     code, answer = _status_and_json(_raw(server.port, b"GET http://h:1 HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert code == 400 and answer["reason"]  # no path: no route to try
 
@@ -543,3 +547,25 @@ def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: P
     assert len(waits) >= 10 and max(waits) < 1.0, waits
     log = server.log()
     assert "out of system resource" not in log and "Too many open files" not in log, log[-2000:]
+
+
+def test_listing_jobs_with_large_details_holds_one_at_a_time(server: Server) -> None:
+    """Jobs whose stored request is 12 MiB each (4CAT may send long argument lists): the unpaged listing
+    reads and writes them one by one, so the server grows by about one job while it answers (it held 16
+    at a time, several copies of each: 21 such jobs took it from 0.7 to 1.6 GiB), and the big request
+    bodies go back to the system once handled (glibc kept them: +700 MiB for good)."""
+    assert server.process is not None
+    blob = "x" * (12 * 1024 * 1024)
+    idle = _tree_rss_mib(server.process.pid)
+    keys = [server.submit("fake_local", [], blob=blob)["key"] for _ in range(6)]
+    for key in keys:
+        server.wait_final(key)
+    after_submits = _tree_rss_mib(server.process.pid)
+    peak, received = after_submits, 0
+    with requests.get(f"{server.url}/jobs/", stream=True, timeout=60) as answer:
+        for chunk in answer.iter_content(1024 * 1024):
+            received += len(chunk)
+            peak = max(peak, _tree_rss_mib(server.process.pid))
+    assert received > 6 * len(blob)
+    assert after_submits - idle < 150, (idle, after_submits)
+    assert peak - after_submits < 120, (after_submits, peak)

@@ -105,17 +105,17 @@ def test_a_broken_and_a_missing_image_each_get_their_own_failure_file(ocr_server
     assert sorted(p.name for p in out.iterdir()) == ["blank.json", "broken.json", "good.json", "missing.json"]
 
 
-def test_a_job_that_could_read_none_of_its_images_ends_error_saying_why(ocr_server: Server,
-                                                                          tmp_path: Path) -> None:
-    """A path that names no image (an upload's folder given in local mode, say) is no success, however
-    many failure files it leaves; a job with one blank image among them still is."""
+def test_a_job_none_of_whose_images_exists_ends_error_saying_why(ocr_server: Server, tmp_path: Path) -> None:
+    """Not one path naming a file means wrong paths (an upload's folder given in local mode, say), not bad
+    images: each still gets its failure file, and the job ends `error`. (A job with an unreadable, a blank
+    or a missing image among good ones completes: see the test above.)"""
     (tmp_path / "4cat" / "none").mkdir(parents=True)
     answer = ocr_server.submit("ocr_local", four_cat_args("data/none/out", [
         "data/none/a.png", "data/mixed/b.png"])["args"])
     job = ocr_server.wait_final(answer["key"], 120)
     results = json.loads(job["results"])
     assert job["status"] == "error" and results["returncode"] == 1
-    assert "none of the 2 image(s) could be read" in results["error"] and "not found" in results["error"]
+    assert "none of the 2 image(s) exists; first: image not found: data/none/a.png" in results["error"]
     assert sorted(p.name for p in (tmp_path / "4cat" / "none" / "out").iterdir()) == ["a.json", "b.json"]
 
 

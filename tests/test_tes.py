@@ -17,6 +17,8 @@ import docker
 import pytest
 import tes
 
+from dmi_service_manager.errors import BadRequest
+from dmi_service_manager.tes.schema import Task, parse_task
 from support import BUSYBOX, Server, containers_of
 from tes_support import (
     FileServer,
@@ -722,6 +724,26 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
      "volumes[0]"),
     ("stdout-name-past-255-bytes", {"executors": [{**GOOD, "stdout": "/out/" + "a" * 256}]}, "executors[0].stdout"),
 ]
+
+
+def test_a_task_stored_by_an_earlier_version_is_read_as_it_was_accepted() -> None:
+    """The checks a new task meets at submit are not applied again to stored tasks: a task accepted before
+    them (and running across the upgrade) is still read, run and finished."""
+    stored = {"executors": [GOOD], "volumes": ["/v"], "resources": {"ram_gb": 1e-10},
+              "inputs": [{"path": "/v/x", "content": "a"}, {"path": "/v/x", "content": "b"}]}
+    assert Task.model_validate(stored).resources is not None
+    with pytest.raises(BadRequest, match=r"resources\.ram_gb: must be at least"):
+        parse_task(stored)
+    with pytest.raises(BadRequest, match=r"inputs\[1\]\.path: the same path as inputs\[0\]\.path"):
+        parse_task({**stored, "resources": {}})
+
+
+def test_checking_a_task_of_deep_paths_stays_linear() -> None:
+    """A path 2,000 levels deep, in each of 1,000 inputs: one step per level, not one per level and prefix."""
+    deep = "/" + "/".join(["a"] * 2000)
+    body = {"executors": [GOOD], "volumes": [deep], "inputs": [{"path": f"{deep}/{i}", "content": "a"}
+                                                               for i in range(1000)]}
+    parse_task(body)  # bounded by the test's timeout: quadratic checks took minutes
 
 
 @pytest.mark.parametrize(("body", "field"), [(b, f) for _, b, f in MALFORMED], ids=[n for n, _, _ in MALFORMED])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -145,6 +146,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _error_body(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt()
+BIG_ALLOCATION = 4 * 1024 * 1024
+
+
+def _return_big_blocks() -> None:
+    """Blocks of 4 MiB and more (a large request body, a job's large details) come from mmap and go back
+    to the system when freed. glibc's own threshold rises to 32 MiB after the first such block is freed,
+    and then every later one is carved from a heap that never shrinks."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's rules hold
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, BIG_ALLOCATION)
+
+
 def _die_with_supervisor() -> None:
     """A worker of `--workers N` dies with its parent, so a kill -9 of the server frees the port."""
     supervisor = os.environ.get(ENV_SUPERVISOR)
@@ -167,6 +180,7 @@ def create_app(config: Config, port: int) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _die_with_supervisor()
+        _return_big_blocks()
         context.start_background()  # scheduler and adoption start after the socket is up
         yield
         context.stop_background()

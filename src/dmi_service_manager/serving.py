@@ -224,8 +224,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not parsed.host or (parsed.schema or b"").lower() not in (b"http", b"https"):
             return False
         host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
-        authority = host + (b":%d" % parsed.port if parsed.port else b"")
+        authority = host + (b":%d" % parsed.port if parsed.port is not None else b"")
         self.headers[:] = [(n, v) for n, v in self.headers if n != b"host"] + [(b"host", authority)]  # the scope's
+        self.scope["scheme"] = parsed.schema.lower().decode()
         return True
 
     def on_message_complete(self) -> None:

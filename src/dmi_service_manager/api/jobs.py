@@ -81,6 +81,9 @@ def router(jobs: JobService) -> APIRouter:
                        tail: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
                        follow: str | None = None) -> Response:
         """The container's output while it runs (`follow=1` streams it); the stored output once final."""
+        if request.method == "HEAD":  # a followed stream would hold the connection until the job ends
+            await run_in_threadpool(jobs.get, job_id)
+            return Response(media_type="text/plain; charset=utf-8")
         following = (follow or "").lower() in ("1", "true", "yes")
         found = await run_in_threadpool(jobs.logs, job_id, tail, following)
         if found.live is None:
@@ -126,7 +129,7 @@ def router(jobs: JobService) -> APIRouter:
     @api.get("/jobs/", responses={200: {"model": schemas.JobListAnswer}, **schemas.errors(400)})
     @api.get("/jobs", include_in_schema=False)
     @api.get("/api/jobs/", include_in_schema=False)
-    async def list_jobs(current: str | None = None,
+    async def list_jobs(request: Request, current: str | None = None,
                         limit: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
                         offset: Annotated[params.QueryInt, Query(ge=0, le=params.MAX_INT)] = 0,
                         order: str | None = None,
@@ -142,6 +145,8 @@ def router(jobs: JobService) -> APIRouter:
             raise BadRequest(f"status must be one of {', '.join(JobStatus)}")
         if kind is not None and kind not in Kind.__members__.values():
             raise BadRequest(f"kind must be one of {', '.join(Kind)}")
+        if request.method == "HEAD":  # the listing is only read to be thrown away
+            return Response(media_type="application/json")
         where = JobFilter(status=status, service=service, dataset_key=dataset_key, kind=kind)
         batches = jobs.list_jobs(current=bool(current), limit=limit, offset=offset, newest_first=order == "desc",
                                  where=where)

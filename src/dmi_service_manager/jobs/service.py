@@ -165,22 +165,22 @@ class JobService:
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-                  newest_first: bool = False, where: JobFilter | None = None, batch: int = 16) -> Iterator[list[Job]]:
-        """Jobs a few at a time, so that a listing of every job (4CAT's unpaged call) never sits in memory."""
+                  newest_first: bool = False, where: JobFilter | None = None, batch: int = 16,
+                  batch_bytes: int = 1024 * 1024) -> Iterator[list[Job]]:
+        """Jobs a few at a time (at most `batch`, and past `batch_bytes` of text only one), so that a listing
+        of every job (4CAT's unpaged call) never sits in memory, however large some jobs' details are."""
         after: int | None = None
         left = limit
         while left is None or left > 0:
             size = batch if left is None else min(batch, left)
             found = self.store.jobs(current=current, limit=size, offset=offset if after is None else 0,
-                                    newest_first=newest_first, after=after, where=where)
+                                    newest_first=newest_first, after=after, where=where, max_bytes=batch_bytes)
             if not found:
                 return
             yield found
             after = found[-1].id
             if left is not None:
                 left -= len(found)
-            if len(found) < size:
-                return
 
     def services(self, failures: int = 5) -> list[dict[str, Any]]:
         """Each configured service: its image and needs, what of it runs and waits, and its latest failures."""

@@ -273,8 +273,11 @@ class Store:
         return _job(row) if row else None
 
     def jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-             newest_first: bool = False, after: int | None = None, where: JobFilter | None = None) -> list[Job]:
-        """Jobs in id order; `after` continues from a job id (in the chosen direction) instead of an offset."""
+             newest_first: bool = False, after: int | None = None, where: JobFilter | None = None,
+             max_bytes: int | None = None) -> list[Job]:
+        """Jobs in id order; `after` continues from a job id (in the chosen direction) instead of an offset.
+        `max_bytes`: stop once the jobs read hold that much text (always at least one job): rows are read one
+        by one, so a few huge jobs never sit in memory together."""
         clauses: list[str] = []
         params: list[Any] = []
         if current:
@@ -291,7 +294,14 @@ class Store:
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if limit is None else limit, offset]
-        return [_job(row) for row in self._conn().execute(sql, params)]
+        found: list[Job] = []
+        held = 0
+        for row in self._conn().execute(sql, params):
+            found.append(_job(row))
+            held += len(row["details"] or "") + len(row["results"] or "") + len(row["message"] or "")
+            if max_bytes is not None and held >= max_bytes:
+                break
+        return found
 
     def active(self) -> list[Job]:
         """Every job not yet final, oldest first: the queue and what runs."""

@@ -36,8 +36,6 @@ def container_path(value: str) -> str:
         raise ValueError(f"must not be inside {', '.join(RESERVED)}")
     if len(normal.encode()) > 4096:
         raise ValueError("is too long")
-    if any(len(p.encode()) > 255 for p in parts):
-        raise ValueError("has a name longer than 255 bytes, more than a file system takes")
     return normal
 
 
@@ -142,8 +140,7 @@ class Output(_Model):
 class Resources(_Model):
     cpu_cores: int | None = Field(None, ge=1, le=4096)
     preemptible: bool | None = None
-    # Docker's least memory limit is 6 MiB; less would be rounded to no limit at all.
-    ram_gb: float | None = Field(None, ge=MIN_RAM_GB, le=1024 * 1024)
+    ram_gb: float | None = Field(None, gt=0, le=1024 * 1024)
     disk_gb: float | None = Field(None, gt=0, le=1024 * 1024 * 1024)
     zones: list[str] | None = None
     backend_parameters: dict[str, str] = Field(default_factory=dict)
@@ -167,40 +164,6 @@ class Task(_Model):
             raise ValueError("may hold at most 1000 tags")
         return value
 
-    @model_validator(mode="after")
-    def _mounts(self) -> Task:
-        """Paths that could never be mounted together are refused here, naming the field, rather than
-        ending the task at its start with the engine's words: a file holds no other path, an input has
-        a path of its own, and a folder is no file."""
-        files: dict[str, str] = {}  # container path -> the field that makes it a file
-        inputs: dict[str, str] = {}
-        for index, item in enumerate(self.inputs):
-            field = f"inputs[{index}].path"
-            if item.path in inputs:
-                raise ValueError(f"{field}: the same path as {inputs[item.path]}")
-            inputs[item.path] = field
-            if item.type == "FILE":
-                files[item.path] = field
-        for index, executor in enumerate(self.executors):
-            for name in ("stdout", "stderr"):
-                path = getattr(executor, name)
-                if path is not None and path not in files:
-                    files[path] = f"executors[{index}].{name}"
-        folders = [(p, f"volumes[{i}]") for i, p in enumerate(self.volumes)]
-        folders += [(item.path, f"inputs[{i}].path") for i, item in enumerate(self.inputs) if item.type == "DIRECTORY"]
-        folders += [(o.path, f"outputs[{i}].path") for i, o in enumerate(self.outputs) if o.type == "DIRECTORY"]
-        folders += [(e.workdir, f"executors[{i}].workdir") for i, e in enumerate(self.executors) if e.workdir]
-        for path, field in [*files.items(), *folders]:
-            parts = path.split("/")
-            for depth in range(2, len(parts)):  # each folder above it: /a, /a/b, ...
-                above = "/".join(parts[:depth])
-                if above in files:
-                    raise ValueError(f"{field}: inside {above}, which {files[above]} makes a file")
-        for path, field in folders:
-            if path in files:
-                raise ValueError(f"{field}: {path} is a folder here and a file in {files[path]}")
-        return self
-
 
 def field_name(location: tuple[int | str, ...]) -> str:
     """`('executors', 0, 'image')` as the field a client wrote: `executors[0].image`."""
@@ -211,19 +174,92 @@ def field_name(location: tuple[int | str, ...]) -> str:
 
 
 def parse_task(body: Any) -> Task:
-    """The task, or a BadRequest naming the first field that is wrong and why."""
+    """A new task, or a BadRequest naming the first field that is wrong and why."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a TES task: a JSON object with at least 'executors'")
     try:
-        return Task.model_validate(body)
+        task = Task.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         location = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         message = first["msg"].removeprefix("Value error, ")
-        inner = re.match(r"([\w.\[\]]+): (.*)", message) if first["type"] == "value_error" else None
+        inner = re.match(r"(\w+): (.*)", message) if first["type"] == "value_error" else None
         if inner:  # a check across fields names the one it is about
             location, message = (*location, inner.group(1)), inner.group(2)
         where = field_name(location)
         if first["type"] == "missing":
             message = "is required"
         raise BadRequest(f"{where}: {message}", extra={"field": where}) from None
+    refused = _cannot_run(task)
+    if refused:
+        where, message = refused
+        raise BadRequest(f"{where}: {message}", extra={"field": where})
+    return task
+
+
+def _cannot_run(task: Task) -> tuple[str, str] | None:
+    """(field, why) for a task that could never start, refused when it is submitted rather than ended at its
+    start with the engine's words. Only new tasks are held to it: a task stored by an earlier version runs
+    as it was accepted."""
+    for field, path in _paths(task):
+        if any(len(part.encode()) > 255 for part in path.split("/")):
+            return field, "has a name longer than 255 bytes, more than a file system takes"
+    if task.resources and task.resources.ram_gb is not None and task.resources.ram_gb < MIN_RAM_GB:
+        return "resources.ram_gb", f"must be at least {MIN_RAM_GB:.4f} (6 MiB, the least Docker takes)"
+    return _unmountable(task)
+
+
+def _paths(task: Task) -> list[tuple[str, str]]:
+    """(field, container path) of every path a task names."""
+    found = [(f"volumes[{i}]", p) for i, p in enumerate(task.volumes)]
+    found += [(f"inputs[{i}].path", item.path) for i, item in enumerate(task.inputs)]
+    found += [(f"outputs[{i}].path", item.path) for i, item in enumerate(task.outputs)]
+    for index, executor in enumerate(task.executors):
+        found += [(f"executors[{index}].{name}", path) for name in ("workdir", "stdin", "stdout", "stderr")
+                  if (path := getattr(executor, name)) is not None]
+    return found
+
+
+def _unmountable(task: Task) -> tuple[str, str] | None:
+    """Paths that could never be mounted together: an input has a path of its own, a file holds no other
+    path, and a folder is no file."""
+    files: dict[str, str] = {}  # container path -> the field that makes it a file
+    inputs: dict[str, str] = {}
+    for index, item in enumerate(task.inputs):
+        field = f"inputs[{index}].path"
+        if item.path in inputs:
+            return field, f"the same path as {inputs[item.path]}"
+        inputs[item.path] = field
+        if item.type == "FILE":
+            files[item.path] = field
+    for index, executor in enumerate(task.executors):
+        for name in ("stdout", "stderr"):
+            path = getattr(executor, name)
+            if path is not None:
+                files.setdefault(path, f"executors[{index}].{name}")
+    for index, output in enumerate(task.outputs):
+        if output.type == "FILE" and not has_wildcard(output.path):
+            files.setdefault(output.path, f"outputs[{index}].path")
+    folders = [(f"volumes[{i}]", p) for i, p in enumerate(task.volumes)]
+    folders += [(f"inputs[{i}].path", item.path) for i, item in enumerate(task.inputs) if item.type == "DIRECTORY"]
+    folders += [(f"outputs[{i}].path", o.path) for i, o in enumerate(task.outputs) if o.type == "DIRECTORY"]
+    folders += [(f"executors[{i}].workdir", e.workdir) for i, e in enumerate(task.executors) if e.workdir]
+    for field, path in folders:
+        if path in files:
+            return field, f"{path} is a folder here and a file in {files[path]}"
+    # A trie of the files' components: whether a path runs through a file costs one step per component.
+    trie: dict[str, Any] = {}
+    for path, field in files.items():
+        place = trie
+        for part in path.split("/")[1:]:
+            place = place.setdefault(part, {})
+        place[""] = (path, field)  # "" is never a component of a normal path
+    for field, path in _paths(task):
+        node: dict[str, Any] | None = trie
+        for part in path.split("/")[1:-1]:
+            node = node.get(part) if node is not None else None
+            if node is None:
+                break
+            if "" in node:
+                return field, f"inside {node[''][0]}, which {node[''][1]} makes a file"
+    return None

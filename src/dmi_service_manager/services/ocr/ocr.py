@@ -73,7 +73,8 @@ def text_and_words(tsv: str) -> tuple[str, list[dict[str, Any]]]:
     return text, words
 
 
-NO_TEXT = "no text found in the image"  # read, but blank: a result, not a failure to read
+NO_TEXT = "no text found in the image"
+NOT_FOUND = "image not found"
 
 
 def recognise(path: str, lang: str, model_type: str, requested: str) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def _recognise(path: str, lang: str, model_type: str, requested: str) -> dict[st
     name = os.path.basename(path)
     result: dict[str, Any] = {"filename": name, "model_type": model_type, "requested_model": requested}
     if not os.path.isfile(path):
-        return {**result, "success": False, "error": f"image not found: {path}"}
+        return {**result, "success": False, "error": f"{NOT_FOUND}: {path}"}
     environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}  # one thread per image; images run side by side
     try:
         done = subprocess.run(["tesseract", path, "stdout", "-l", lang, "tsv"], capture_output=True, text=True,
@@ -155,24 +156,25 @@ def main(argv: list[str]) -> int:
     progress = Progress(args.database_key, args.dmi_sm_server, len(args.images))
     workers = args.workers or os.cpu_count() or 1
     failed = 0
-    unread: list[str] = []  # errors of images that could not be read at all
+    missing = 0  # paths that name no file
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(recognise, path, args.lang, model_type, args.model) for path in args.images]
         for done, future in enumerate(as_completed(futures), start=1):
             result = future.result()
             write_result(args.output_dir, result)
             failed += not result["success"]
-            if not result["success"] and result["error"] != NO_TEXT:
-                unread.append(result["error"])
+            missing += not result["success"] and result["error"].startswith(NOT_FOUND)
             progress.report(done)
     progress.report(len(args.images), force=True)
     with contextlib.suppress(OSError):  # left only if another writer still uses it
         os.rmdir(os.path.join(args.output_dir, PARTIAL_DIR))
     print(f"OCR done: {len(args.images) - failed} of {len(args.images)} images with text ({model_type}, "
           f"language {args.lang})")
-    if args.images and len(unread) == len(args.images):
-        # Each image has its failure file, but a job that read nothing is no success: 4CAT shows this.
-        print(f"ocr: none of the {len(args.images)} image(s) could be read; first: {unread[0]}", file=sys.stderr)
+    if args.images and missing == len(args.images):
+        # Not one path names a file: the paths are wrong (an upload's path in local mode, say), not the images.
+        # Each has its failure file, as 4CAT expects of a bad image; the job itself fails, so 4CAT says so.
+        print(f"ocr: none of the {len(args.images)} image(s) exists; first: {NOT_FOUND}: {args.images[0]}",
+              file=sys.stderr)
         return 1
     return 0
 
