@@ -225,18 +225,12 @@ class Store:
         """Rows the original server wrote (ours always name a service or a kind): index their dataset
         keys, end what it left open, and mark them as seen."""
         original = "service IS NULL AND kind IS NULL"
-        rows = db.execute(f"SELECT id, status FROM jobs WHERE {original}").fetchall()
-        if not rows:
+        if db.execute(f"SELECT 1 FROM jobs WHERE {original} LIMIT 1").fetchone() is None:
             return []
-        db.execute(
-            "UPDATE jobs SET dataset_key = json_extract(details, '$.request_json.\"4CAT_dataset_key\"')"
-            f" WHERE {original} AND dataset_key IS NULL AND json_valid(details)"
-        )
         now = int(time.time())
-        ended = 0
-        for row in rows:
-            if row["status"] in ("complete", "error"):
-                continue
+        left_open = db.execute(f"SELECT id, status FROM jobs WHERE {original}"
+                               " AND (status IS NULL OR status NOT IN ('complete', 'error'))").fetchall()
+        for row in left_open:
             message = (
                 f"This job was left '{row['status']}' by the original DMI Service Manager, which kept no"
                 " record of its container; it was ended when this server took over the database."
@@ -246,15 +240,25 @@ class Store:
                 " WHERE id = ?",
                 (message, json.dumps(error_results(message)), now, Failure.ENGINE.value, row["id"]),
             )
-            ended += 1
-        final = db.execute(f"SELECT id, status, results FROM jobs WHERE {original} AND status IN ('complete', 'error')")
-        for row in final:
+        # Only rows whose results SQLite cannot vouch for are read in Python (hundreds of thousands may come).
+        final = db.execute(
+            f"SELECT id, status, results FROM jobs WHERE {original} AND status IN ('complete', 'error') AND NOT"
+            " coalesce(CASE WHEN json_valid(results) THEN"  # CASE, not AND: SQLite may evaluate AND in any order
+            " json_type(results) = 'object' AND json_type(results, '$.returncode') = 'integer'"
+            " AND json_type(results, '$.error') = 'text'"
+            " AND (json_extract(results, '$.returncode') = 0) = (status = 'complete') END, 0)"  # NULL: a key missing
+        )
+        for row in final.fetchall():
             fixed = _original_results(row["status"], row["results"])
             if fixed is not None:
                 db.execute("UPDATE jobs SET status = ?, results = ? WHERE id = ?", (*fixed, row["id"]))
-        db.execute(f"UPDATE jobs SET kind = '4cat' WHERE {original}")
-        return [f"took over {len(rows)} job(s) written by the original DMI Service Manager (indexed for the"
-                f" details query); ended {ended} it had left open"]
+        # One pass over the rows: marked as seen, and indexed for the details query.
+        taken = db.execute(
+            "UPDATE jobs SET kind = '4cat', dataset_key = coalesce(dataset_key, CASE WHEN json_valid(details)"
+            f" THEN json_extract(details, '$.request_json.\"4CAT_dataset_key\"') END) WHERE {original}"
+        ).rowcount
+        return [f"took over {taken} job(s) written by the original DMI Service Manager (indexed for the"
+                f" details query); ended {len(left_open)} it had left open"]
 
     def instance_id(self) -> str:
         """A short id that labels this server's containers; made once, kept in the database."""
