@@ -194,9 +194,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 hosts += 1
             elif name in (b"content-length", b"transfer-encoding") and value.strip() != b"0":
                 body = True
-        if self.url[:1] != b"/" and self._authority_from_url():
-            pass  # an absolute-form target names the host; the Host headers are ignored (RFC 9112 3.2.2)
-        elif hosts > 1:  # which one names us? (RFC 9112 3.2)
+        # An absolute-form target names the host, and the Host headers are ignored (RFC 9112 3.2.2); else
+        # several Host headers leave open which one names us (RFC 9112 3.2).
+        absolute = self.url[:1] != b"/" and self._authority_from_url()
+        if hosts > 1 and not absolute:
             self._refuse(400, b"Bad Request", "a request must carry one Host header, not several")
             raise ValueError("several Host headers")
         if self._head_timer is not None:

@@ -298,12 +298,15 @@ class Store:
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if limit is None else limit, offset]
+        rows = self._conn().execute(sql, params)
+        if max_bytes is None:
+            return [_job(row) for row in rows]
         found: list[Job] = []
         held = 0
-        for row in self._conn().execute(sql, params):
+        for row in rows:
             found.append(_job(row))
             held += len(row["details"] or "") + len(row["results"] or "") + len(row["message"] or "")
-            if max_bytes is not None and held >= max_bytes:
+            if held >= max_bytes:
                 break
         return found
 

@@ -201,12 +201,13 @@ def _cannot_run(task: Task) -> tuple[str, str] | None:
     """(field, why) for a task that could never start, refused when it is submitted rather than ended at its
     start with the engine's words. Only new tasks are held to it: a task stored by an earlier version runs
     as it was accepted."""
-    for field, path in _paths(task):
+    paths = _paths(task)
+    for field, path in paths:
         if any(len(part.encode()) > 255 for part in path.split("/")):
             return field, "has a name longer than 255 bytes, more than a file system takes"
     if task.resources and task.resources.ram_gb is not None and task.resources.ram_gb < MIN_RAM_GB:
         return "resources.ram_gb", f"must be at least {MIN_RAM_GB:.4f} (6 MiB, the least Docker takes)"
-    return _unmountable(task)
+    return _unmountable(task, paths)
 
 
 def _paths(task: Task) -> list[tuple[str, str]]:
@@ -220,7 +221,7 @@ def _paths(task: Task) -> list[tuple[str, str]]:
     return found
 
 
-def _unmountable(task: Task) -> tuple[str, str] | None:
+def _unmountable(task: Task, paths: list[tuple[str, str]]) -> tuple[str, str] | None:
     """Paths that could never be mounted together: an input has a path of its own, a file holds no other
     path, and a folder is no file."""
     files: dict[str, str] = {}  # container path -> the field that makes it a file
@@ -254,7 +255,7 @@ def _unmountable(task: Task) -> tuple[str, str] | None:
         for part in path.split("/")[1:]:
             place = place.setdefault(part, {})
         place[""] = (path, field)  # "" is never a component of a normal path
-    for field, path in _paths(task):
+    for field, path in paths:
         node: dict[str, Any] | None = trie
         for part in path.split("/")[1:-1]:
             node = node.get(part) if node is not None else None

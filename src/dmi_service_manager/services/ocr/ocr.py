@@ -73,7 +73,6 @@ def text_and_words(tsv: str) -> tuple[str, list[dict[str, Any]]]:
     return text, words
 
 
-NO_TEXT = "no text found in the image"
 NOT_FOUND = "image not found"
 
 
@@ -102,7 +101,7 @@ def _recognise(path: str, lang: str, model_type: str, requested: str) -> dict[st
         return {**result, "success": False, "error": f"the image could not be read: {problem}"}
     text, words = text_and_words(done.stdout)
     if not text.strip():
-        return {**result, "success": False, "error": NO_TEXT}
+        return {**result, "success": False, "error": "no text found in the image"}
     return {**result, "success": True, "simplified_text": {"raw_text": text}, "raw_output": words}
 
 
