@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -132,9 +133,10 @@ def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     build_service(str(ROOT / "tests" / "images" / "busybox"), tag=BUSYBOX, log=lambda _: None,
                   runtime=DockerBackend(f"unix://{socket}"))
     yield f"unix://{socket}", restart
-    client = docker.DockerClient(base_url=f"unix://{socket}")
-    for container in client.containers.list(all=True):
-        container.remove(force=True)
+    api = docker.APIClient(base_url=f"unix://{socket}")
+    for listed in api.containers(all=True):  # ids only: the SDK's list() inspects each, racing the server's removals
+        with contextlib.suppress(docker.errors.NotFound):
+            api.remove_container(listed["Id"], force=True)
     processes[-1].send_signal(signal.SIGTERM)
     processes[-1].wait(60)
     shutil.rmtree(short, ignore_errors=True)
