@@ -133,13 +133,15 @@ def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     build_service(str(ROOT / "tests" / "images" / "busybox"), tag=BUSYBOX, log=lambda _: None,
                   runtime=DockerBackend(f"unix://{socket}"))
     yield f"unix://{socket}", restart
-    api = docker.APIClient(base_url=f"unix://{socket}")
-    for listed in api.containers(all=True):  # ids only: the SDK's list() inspects each, racing the server's removals
-        with contextlib.suppress(docker.errors.NotFound):
-            api.remove_container(listed["Id"], force=True)
-    processes[-1].send_signal(signal.SIGTERM)
-    processes[-1].wait(60)
-    shutil.rmtree(short, ignore_errors=True)
+    try:
+        api = docker.APIClient(base_url=f"unix://{socket}")
+        for listed in api.containers(all=True):  # ids only: the SDK's list() inspects each, racing removals
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(listed["Id"], force=True)
+    finally:  # the daemon stops whatever the clean-up raised
+        processes[-1].send_signal(signal.SIGTERM)
+        processes[-1].wait(60)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def _pings(url: str) -> bool:
