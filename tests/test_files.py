@@ -504,6 +504,26 @@ def test_a_file_that_cannot_be_placed_is_refused_alone(server: Server, tmp_path:
     assert not (tmp_path / "victim").exists()
 
 
+def test_two_files_of_one_request_with_one_stored_name_keep_the_first_and_say_so(server: Server,
+                                                                                tmp_path: Path) -> None:
+    files = [("f", ("a.txt", b"first")), ("f", ("a.txt", b"second")), ("f", ("b c.txt", b"spaced")),
+             ("f", ("b_c.txt", b"underscored")), ("g", ("a.txt", b"other folder"))]
+    response = server.post("/api/send_files", data={"folder_name": "dup"}, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["f"] == ["a.txt", "b c.txt"] and body["g"] == ["a.txt"]
+    assert set(body["errors"]) == {"a.txt", "b_c.txt"} and "'b_c.txt'" in body["errors"]["b_c.txt"]
+    folder = tmp_path / "uploads" / "dup"
+    assert (folder / "f" / "a.txt").read_bytes() == b"first"
+    assert (folder / "f" / "b_c.txt").read_bytes() == b"spaced"
+    assert (folder / "g" / "a.txt").read_bytes() == b"other folder"
+    # A later request replaces a stored file, as the original's did.
+    again = server.post("/api/send_files", data={"folder_name": "dup"}, files=[("f", ("a.txt", b"replaced"))])
+    assert again.json() == {"folder_name": "dup", "f": ["a.txt"]}
+    assert (folder / "f" / "a.txt").read_bytes() == b"replaced"
+    assert [p for p in (tmp_path / "uploads" / ".dsm-staging").rglob("*") if not p.is_dir()] == []
+
+
 def test_uploads_never_fail_while_a_job_keeps_removing_the_staging_folder(server: Server, tmp_path: Path) -> None:
     staging = tmp_path / "uploads" / ".dsm-staging"
     stop = threading.Event()

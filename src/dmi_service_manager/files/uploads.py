@@ -83,6 +83,7 @@ class UploadReceiver:
         self.fields: dict[str, str] = {}
         self.files: list[_Part] = []
         self.errors: dict[str, str] = {}
+        self.claimed: set[tuple[Parts, str]] = set()  # (folder, stored name) of the files this request stores
         self.parts = 0
         self.field_bytes = 0
         self._part = _Part()
@@ -135,10 +136,11 @@ class UploadReceiver:
             part.placeholder = True
             return
         part.name = secure_filename(part.filename)
-        reason = self._refusal(part.name)
+        reason = self._refusal(part.name) or self._claimed(part)
         if reason:
             self._refuse(part, reason)
             return
+        self.claimed.add((part.folder, part.name))
         with disk_full_is_507():
             part.staged = self.storage.new_staged_file()
 
@@ -160,6 +162,13 @@ class UploadReceiver:
                 extension = lowered.rsplit(".", 1)[1] if "." in lowered else ""
                 return f"files of type {extension or '(none)'!r} are not allowed on this server"
         return None
+
+    def _claimed(self, part: _Part) -> str | None:
+        """Two files of one request stored under one name would leave only the last: the first keeps it."""
+        if (part.folder, part.name) not in self.claimed:
+            return None
+        return (f"another file of this request is already stored as {part.name!r} in {part.field_name!r}; send"
+                " this one in a request of its own to replace it")
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
