@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -376,6 +377,43 @@ def test_a_log_stream_cut_by_the_engine_ends_with_a_line_saying_why(server: Serv
     assert finished.wait(45), "the stream did not end"
     assert b"[dsm]" in b"".join(lines).split(b"first line", 1)[1]
     assert server.wait_final(key)["status"] == "error"
+
+
+def test_the_openapi_document_says_what_the_routes_refuse(server: Server) -> None:
+    """Bounds under JSON Schema's own names (FastAPI wrote pydantic's `ge`/`le`, which no client reads), the
+    query parameters a route needs marked required, the allowed values listed, and no control characters
+    in a path. Each is checked against what the server answers."""
+    document = server.get("/openapi.json").json()
+    text = json.dumps(document)
+    assert '"ge"' not in text and '"le"' not in text
+    paths = document["paths"]
+
+    def parameter(path: str, method: str, name: str) -> dict[str, Any]:
+        return next(p for p in paths[path][method]["parameters"] if p["name"] == name)
+
+    assert parameter("/jobs/", "get", "limit")["schema"]["anyOf"][0]["minimum"] == 0
+    assert server.get("/jobs/", params={"limit": "-1"}).status_code == 400
+    for path, method, name in (("/status_update/", "post", "key"), ("/status_update/", "post", "status"),
+                               ("/api/list_files", "get", "folder_name"), ("/api/linecount/", "get", "folder"),
+                               ("/api/linecount/", "get", "file")):
+        assert parameter(path, method, name)["required"] is True, (path, name)
+        assert parameter(path, method, name)["schema"]["minLength"] == 1
+    assert server.post("/status_update/", params={"key": "1"}).status_code == 400
+    assert server.post("/status_update/", params={"key": "", "status": "running"}).status_code == 400
+    assert server.get("/api/list_files", params={"folder_name": ""}).status_code == 400
+    kinds = document["components"]["schemas"]["Kind"]["enum"]
+    assert sorted(kinds) == ["4cat", "tes"] and server.get("/jobs/", params={"kind": "other"}).status_code == 400
+    assert "running" in document["components"]["schemas"]["JobStatus"]["enum"]
+    assert server.get("/jobs/", params={"status": "runnin"}).status_code == 400
+    assert server.get("/jobs/", params={"status": "running", "kind": "4cat"}).status_code == 200
+    pattern = re.compile(parameter("/api/download/{path}", "get", "path")["schema"]["pattern"])
+    assert pattern.match("c/f/a.txt") and not pattern.match("c/f/a\x01.txt") and not pattern.match("")
+    assert server.get("/api/download/c/f/a%01.txt").status_code == 400
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            for each in operation.get("parameters", []):
+                if each["in"] == "path" and each["schema"].get("type") == "string":
+                    assert each["schema"]["pattern"] == pattern.pattern, (method, path)
 
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(server: Server) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import warnings
 from collections.abc import AsyncIterator
@@ -108,11 +109,7 @@ async def _dsm_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        # Starlette names the methods of the first route whose path matched; several routes may share it.
-        allowed = {method for route in request.app.router.routes
-                   if (regex := getattr(route, "path_regex", None)) and regex.match(request.scope["path"])
-                   for method in (getattr(route, "methods", None) or ())}
-        allow = ", ".join(sorted(allowed | {"OPTIONS"}))
+        allow = ", ".join(sorted(_methods_of(request.app.router.routes, request.scope["path"]) | {"OPTIONS"}))
         if request.method == "OPTIONS":  # as Flask answered it for the original
             return Response(status_code=200, headers={"Allow": allow})
         response = _error_body(405, f"Method {request.method} not allowed here")
@@ -122,6 +119,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     response = _error_body(exc.status_code, message)
     response.headers.update(exc.headers or {})
     return response
+
+
+def _methods_of(routes: list[Any], path: str) -> set[str]:
+    """The methods of the routes that match `path` most closely, for `Allow`. Starlette names only the first
+    route whose path matched. Where several match, the ones with the most fixed text win: `/api/health` is
+    not a service for `POST /api/{endpoint}`, nor `tasks/1:cancel` a task id for `GET tasks/{task_id}`."""
+    matching = [r for r in routes if (regex := getattr(r, "path_regex", None)) and regex.match(path)]
+    fixed = {id(r): len(_PARAMETER.sub("", getattr(r, "path_format", ""))) for r in matching}
+    closest = max(fixed.values(), default=0)
+    return {method for route in matching if fixed[id(route)] == closest
+            for method in (getattr(route, "methods", None) or ())}
+
+
+_PARAMETER = re.compile(r"\{[^}]*\}")
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -10,9 +10,10 @@ import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -35,6 +36,10 @@ _MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data
     "additionalProperties": {"type": "string", "format": "binary",
                              "description": "each file part's field name is the subfolder it goes to"},
 }}}}}
+
+
+# A name or path of the upload folder, in the query: refused with control characters, as in a path.
+_Name = Annotated[str, Query(min_length=1, json_schema_extra={"pattern": schemas.PATH_TEXT})]
 
 
 def router(files: FileService) -> APIRouter:
@@ -76,10 +81,8 @@ def router(files: FileService) -> APIRouter:
     @api.get("/api/list_files", responses={200: {"content": {"application/json": {}}}, **schemas.errors(400, 404)})
     @api.get("/api/list_filenames/", include_in_schema=False)
     @api.get("/api/list_filenames", include_in_schema=False)
-    async def list_files(folder_name: str | None = None) -> Response:
+    async def list_files(folder_name: _Name) -> Response:
         """The original's query-string form: `?folder_name=<collection>`."""
-        if not folder_name:
-            raise BadRequest("Must provide folder_name as ?folder_name=your_folder_name")
         return json_response(await run_in_threadpool(files.list_tree, folder_name))
 
     # -- downloading
@@ -100,7 +103,7 @@ def router(files: FileService) -> APIRouter:
 
     @api.get("/api/linecount/", responses={200: {"model": schemas.LinecountAnswer}, **schemas.errors(400, 404)})
     @api.get("/api/linecount", include_in_schema=False)
-    async def linecount(folder: str | None = None, file: str | None = None) -> Response:
+    async def linecount(folder: _Name, file: _Name) -> Response:
         """Lines in `folder/file`: progress for services that write one line per item."""
         return json_response({"lines": await run_in_threadpool(files.count_lines, folder, file)})
 

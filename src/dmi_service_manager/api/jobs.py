@@ -56,7 +56,8 @@ def router(jobs: JobService) -> APIRouter:
                                                     **schemas.errors(400)},
              openapi_extra=schemas.json_body(schemas.DetailsQuery, required=False))
     @api.get("/api/jobs/details_query", include_in_schema=False)
-    async def details_query(request: Request, details_key: str | None = None,
+    async def details_query(request: Request,
+                            details_key: Annotated[str | None, Query(json_schema_extra={"pattern": "^\\$"})] = None,
                             details_value: str | None = None) -> Response:
         """Jobs whose stored details hold a value at a JSON path. 4CAT sends a GET with a JSON body;
         query parameters work too, for people with curl."""
@@ -133,18 +134,14 @@ def router(jobs: JobService) -> APIRouter:
                         limit: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
                         offset: Annotated[params.QueryInt, Query(ge=0, le=params.MAX_INT)] = 0,
                         order: str | None = None,
-                        status: str | None = None, service: str | None = None, dataset_key: str | None = None,
-                        kind: str | None = None) -> Response:
+                        status: JobStatus | None = None, service: str | None = None,
+                        dataset_key: str | None = None, kind: Kind | None = None) -> Response:
         """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete;
         `order=desc`: newest first; `status`, `service`, `dataset_key`, `kind` keep only the jobs that match.
 
         Streamed a few jobs at a time: 4CAT's unpaged call works whatever the store holds. The dashboard
         and the CLI page with `limit` and `offset`.
         """
-        if status is not None and status not in JobStatus.__members__.values():
-            raise BadRequest(f"status must be one of {', '.join(JobStatus)}")
-        if kind is not None and kind not in Kind.__members__.values():
-            raise BadRequest(f"kind must be one of {', '.join(Kind)}")
         if request.method == "HEAD":  # the listing is only read to be thrown away
             return Response(media_type="application/json")
         where = JobFilter(status=status, service=service, dataset_key=dataset_key, kind=kind)
@@ -166,13 +163,12 @@ def router(jobs: JobService) -> APIRouter:
 
     @api.post("/status_update/", responses={200: {"model": schemas.StatusUpdateAnswer}, **schemas.errors(400)})
     @api.post("/status_update", include_in_schema=False)
-    async def status_update(key: str | None = None, status: str | None = None, message: str | None = None,
-                            processed_records: str | None = None, num_records: str | None = None) -> Response:
+    async def status_update(key: Annotated[str, Query(min_length=1)], status: Annotated[str, Query(min_length=1)],
+                            message: str | None = None, processed_records: str | None = None,
+                            num_records: str | None = None) -> Response:
         """Progress from inside a container; parameters come in the query string. Missing `key` or `status`
         is a 400; anything else is a 200, as the protocol says: what cannot be applied (a key that names no
         job, a count that is not one, text that is not text) is left out, and the log says why."""
-        if not key or not status:
-            raise BadRequest("status_update must include both 'key' and 'status'")
         ignored: list[str] = []
         try:
             job_id: int | None = params.whole_number(key, "key", low=1)

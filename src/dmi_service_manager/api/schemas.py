@@ -233,4 +233,30 @@ def with_components(document: dict[str, Any]) -> dict[str, Any]:
             operation.setdefault("security", [{}, {"bearer": []}])
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                _standard_bounds(schema)
+                if parameter.get("in") == "path" and schema.get("type") == "string":
+                    schema.setdefault("pattern", PATH_TEXT)
     return document
+
+
+# A number's bounds as JSON Schema names them: FastAPI writes pydantic's own names where a query number has
+# a validator of its own (params.QueryInt), and a client or fuzzer reading the document would miss them.
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+# No route takes a path with control characters (app.path_problem): the path parameters say so.
+PATH_TEXT = "^[^\\u0000-\\u001f\\u007f]+$"
+
+
+def _standard_bounds(schema: Any) -> None:
+    if isinstance(schema, list):
+        for item in schema:
+            _standard_bounds(item)
+    elif isinstance(schema, dict):
+        for ours, standard in _BOUNDS.items():
+            if ours in schema:
+                schema[standard] = schema.pop(ours)
+        for value in schema.values():
+            _standard_bounds(value)

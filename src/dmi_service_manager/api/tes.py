@@ -16,7 +16,8 @@ from starlette.responses import Response
 
 from ..errors import NotFound
 from ..tes.schema import Task
-from ..tes.service import MAX_PAGE_SIZE, TesService
+from ..tes.service import MAX_PAGE_SIZE, VIEWS, TesService
+from ..tes.states import STATES
 from . import params, schemas
 from .auth import acting
 from .http import json_body, json_response
@@ -24,6 +25,10 @@ from .http import json_body, json_response
 PREFIX = "/ga4gh/tes/v1"
 _JSON: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}},
                                                "description": "as in the official TES v1.1 description"}}
+
+
+# The spec's names; the service also takes them in lower case, as some clients send them.
+_View = Annotated[str | None, Query(json_schema_extra={"enum": list(VIEWS)})]
 
 
 def router(tes: TesService) -> APIRouter:
@@ -41,19 +46,19 @@ def router(tes: TesService) -> APIRouter:
         return json_response({"id": task_id})
 
     @api.get("/tasks", responses={**_JSON, **schemas.errors(400, 401, 403)})
-    async def list_tasks(request: Request, name_prefix: str | None = None, state: str | None = None,
+    async def list_tasks(request: Request, name_prefix: str | None = None,
+                         state: Annotated[str | None, Query(json_schema_extra={"enum": list(STATES)})] = None,
                          tag_key: Annotated[list[str] | None, Query()] = None,
                          tag_value: Annotated[list[str] | None, Query()] = None,
                          page_size: Annotated[params.QueryInt | None, Query(ge=1, le=MAX_PAGE_SIZE)] = None,
-                         page_token: str | None = None,
-                         view: str | None = None) -> Response:
+                         page_token: str | None = None, view: _View = None) -> Response:
         answer = await run_in_threadpool(tes.list, name_prefix=name_prefix, state=state,
                                          tag_keys=tag_key or [], tag_values=tag_value or [], page_size=page_size,
                                          page_token=page_token, view=view)
         return json_response(answer)
 
     @api.get("/tasks/{task_id}", responses={**_JSON, **schemas.errors(400, 401, 403, 404)})
-    async def get_task(request: Request, task_id: str, view: str | None = None) -> Response:
+    async def get_task(request: Request, task_id: str, view: _View = None) -> Response:
         return json_response(await run_in_threadpool(tes.get, task_id, view))
 
     @api.post("/tasks/{task_id}:cancel", responses={**_JSON, **schemas.errors(401, 403, 404)})
