@@ -631,5 +631,5 @@ def test_head_and_options_are_answered_as_flask_did(server: Server, tmp_path: Pa
     assert put.status_code == 405 and put.headers["Allow"] == "DELETE, GET, HEAD, OPTIONS" and put.json()["reason"]
     # A path that a route names outright is not also a service name for `POST /api/{endpoint}`.
     assert requests.options(f"{server.url}/api/health", timeout=30).headers["Allow"] == "GET, HEAD, OPTIONS"
-    assert requests.delete(f"{server.url}/api/collections", timeout=30).headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert requests.put(f"{server.url}/api/collections", timeout=30).headers["Allow"] == "GET, HEAD, OPTIONS"
     assert requests.options(f"{server.url}/api/fake_local", timeout=30).headers["Allow"] == "OPTIONS, POST"
