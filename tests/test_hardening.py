@@ -221,6 +221,16 @@ def test_a_head_that_never_ends_is_cut_off_and_never_buffered_without_limit(serv
     code, body = _status_and_json(_raw(server.port, b"GET /api/ HTTP/1.1\r\nHost: x\r\n", wait=HEAD_SECONDS + 10))
     assert code == 408 and "headers took more than" in body["message"]
     assert time.monotonic() - started < HEAD_SECONDS + 5
+    # The next request on a kept-alive connection gets the same deadline, from its own first byte.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_SECONDS + 10) as sock:
+        sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2)  # the whole answer is in
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and b"headers took more than" in answer
+        assert HEAD_SECONDS - 1 < time.monotonic() - started < HEAD_SECONDS + 5
 
 
 def test_half_open_connections_do_not_shut_out_other_clients(server: Server) -> None:

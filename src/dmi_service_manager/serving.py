@@ -141,6 +141,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0
         self._header_count = 0
         self._in_head = True
+        self._begun = False  # a byte of the request whose head is awaited has arrived
         self._pipeline_full = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_seen = 0.0
@@ -157,6 +158,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if counting and self._in_head and (self._head_bytes > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS):
             self._too_large()
+        elif self._in_head and self._head_timer is None and not self.transport.is_closing():
+            # A head that began in this read and is not complete: its deadline runs from now. (A head that
+            # arrives whole, nearly every one, costs no timer.)
+            self._arm()
 
     def _too_large(self) -> None:
         self._refuse(431, b"Request Header Fields Too Large",
@@ -166,9 +171,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_size = 0
-        if not self._in_head:  # the next request on a kept-alive connection: its head gets a deadline too
-            self._in_head, self._head_bytes, self._header_count = True, 0, 0
-            self._arm()
+        self._begun = True
+        if not self._in_head:  # the next request on a kept-alive connection: its head gets a deadline too,
+            self._in_head, self._head_bytes, self._header_count = True, 0, 0  # once its read has been parsed
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
@@ -184,7 +189,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._begun = False
         if self._head_size > MAX_HEAD_BYTES or self._header_count > MAX_HEADERS:
             self._too_large()
             raise ValueError("request head too large")  # stops the parser; the answer is already sent
@@ -270,7 +275,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_too_slow(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
-            if self._head_bytes:
+            if self._head_bytes or self._begun:
                 self._refuse(408, b"Request Timeout", f"the request's headers took more than {HEAD_SECONDS:g} s")
             else:
                 self.transport.close()  # a connection that never sent a byte: nothing to answer
