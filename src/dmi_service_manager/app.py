@@ -126,10 +126,10 @@ def _methods_of(routes: list[Any], path: str) -> set[str]:
     """The methods of the routes that match `path` most closely, for `Allow`. Starlette names only the first
     route whose path matched. Where several match, the ones with the most fixed text win: `/api/health` is
     not a service for `POST /api/{endpoint}`, nor `tasks/1:cancel` a task id for `GET tasks/{task_id}`."""
-    matching = [r for r in routes if (regex := getattr(r, "path_regex", None)) and regex.match(path)]
-    fixed = {id(r): len(_PARAMETER.sub("", getattr(r, "path_format", ""))) for r in matching}
-    closest = max(fixed.values(), default=0)
-    return {method for route in matching if fixed[id(route)] == closest
+    matching = [(len(_PARAMETER.sub("", getattr(r, "path_format", ""))), r) for r in routes
+                if (regex := getattr(r, "path_regex", None)) and regex.match(path)]
+    closest = max((fixed for fixed, _ in matching), default=0)
+    return {method for fixed, route in matching if fixed == closest
             for method in (getattr(route, "methods", None) or ())}
 
 
@@ -193,14 +193,16 @@ class DsmApp(FastAPI):
     the same middlewares as every request (built from the same list, so none can be left out: the
     allow-list, tokens, metrics), then straight to the route's own endpoint."""
 
-    poll_lane: ASGIApp | None = None
+    poll_lane: tuple[Route, ASGIApp] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.poll_lane is not None and scope["type"] == "http" and scope["method"] == "GET" \
-                and (found := _POLL.fullmatch(scope["path"])) and not scope.get("root_path"):
+                and not scope.get("root_path") and (found := self.poll_lane[0].path_regex.match(scope["path"])):
+            route, lane = self.poll_lane  # matched and converted by the route's own pattern, as its router would
             scope["app"] = self
-            scope["path_params"] = {"job_id": int(found[1])}
-            await self.poll_lane(scope, receive, send)
+            scope["path_params"] = {name: route.param_convertors[name].convert(value)
+                                    for name, value in found.groupdict().items()}
+            await lane(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -224,10 +226,7 @@ class DsmApp(FastAPI):
         lane: ASGIApp = answer
         for middleware in reversed(self.user_middleware):  # as Starlette builds its stack: the first added inside
             lane = middleware.cls(lane, *middleware.args, **middleware.kwargs)
-        self.poll_lane = ServerErrorMiddleware(lane, handler=_unexpected)  # a middleware's own failure: JSON too
-
-
-_POLL = re.compile(r"/api/jobs/([0-9]{1,18})")  # the route's own pattern (params._PathId), matched whole
+        self.poll_lane = (route, ServerErrorMiddleware(lane, handler=_unexpected))  # a middleware's failure: JSON
 
 
 def create_app(config: Config, port: int) -> FastAPI:
