@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -192,11 +192,11 @@ def peak_rss_mib(pid: int) -> float:
     return total
 
 
-def table(title: str, rows: list[tuple[str, str, str, str]],
-          header: tuple[str, str, str, str] = ("measure", "dmi-service-manager", "baseline", "target")) -> None:
-    """rows: (what, ours, baseline, verdict)."""
+def table(title: str, rows: Sequence[tuple[str, ...]],
+          header: tuple[str, ...] = ("measure", "dmi-service-manager", "baseline", "target")) -> None:
+    """rows: (what, ours, baseline, verdict) unless the header names other columns."""
     print(f"\n## {title}\n")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("-|-".join("-" * w for w in widths))
     for row in rows:

@@ -14,7 +14,9 @@ as a user runs it; the bare baseline route runs on uvicorn with 2 workers.
    breakdown from Docker's events and the client's clock: submit -> create -> start -> die -> the poll
    that first sees `complete` (for the SDK: call -> create -> start -> die -> the call returns), and the
    CPU each side used per job: the client (this script), the server, everything else (the engine, runc,
-   the kernel). Then the same with one client per CPU.
+   the kernel). A third column runs the SDK's calls again while each client polls the bare route every
+   50 ms until its call returns: what the polls alone cost this machine, answered by the least a server can
+   do. Then the same with one client per CPU.
 3. Submit latency (p50/p99) while 50 jobs run.
 4. Status polls (GET /api/jobs/<id>, wrk -t2 -c32) beside a bare Starlette route that reads one row from
    the same SQLite database: over keep-alive connections, and with a new connection per request (as 4CAT
@@ -149,52 +151,65 @@ def segments(start: float, events: dict[str, float], end: float) -> dict[str, fl
 def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> None:
     """The issue's 40 trivial jobs: `concurrency` clients, each submits one job and polls it every 50 ms until
     final, then the next; beside as many threads of containers.run(..., remove=True). Docker's events give the
-    breakdown, /proc the CPU each side used. The two alternate for `rounds` rounds (which goes first alternates
+    breakdown, /proc the CPU each side used. The two alternate for `rounds` rounds (which goes first rotates
     too), and the verdict is the median of the rounds' ratios: this machine's disk and CPU drift by more than
-    the difference measured."""
+    the difference measured.
+
+    A third column runs the SDK's calls again while each client polls the bare route every 50 ms until its
+    call returns: what the polls alone cost a machine whose CPUs the engine already fills, answered by the
+    least a server can do. Its ratio is the floor for any server measured this way on this machine."""
     client = docker.from_env()
     with workdir("dsm-bench-paced-") as folder, dsm_server(folder, MAX_CONCURRENT_JOBS=concurrency,
                     DOCKER_ENDPOINTS={"noop": SERVICE}) as (url, server):
+        (folder / "bare").mkdir()
         instance = server_instance(url)
-        ours_times: list[float] = []
-        raw_times: list[float] = []
+        times: dict[str, list[float]] = {"ours": [], "raw": [], "polled": []}
         ours_parts: list[dict[str, float]] = []
         raw_parts: list[dict[str, float]] = []
-        cpu: dict[str, list[CpuSplit]] = {"ours": [], "raw": []}
+        cpu: dict[str, list[CpuSplit]] = {"ours": [], "raw": [], "polled": []}
         failed = 0
         _paced_ours(client, url, instance, concurrency, concurrency)  # warm-up, not counted: both paths'
         _paced_raw(client, folder, concurrency, concurrency)  # first calls and images are hot
-        for round_ in range(rounds):
-            for which in (("ours", "raw") if round_ % 2 == 0 else ("raw", "ours")):
-                # Each run starts on a quiet machine: the server's last removals done, dirty pages written.
-                settle_containers(instance, 30)
-                os.sync()
-                time.sleep(1)
-                # The server's CPU is counted on both sides: idle, it still costs a little.
-                with CpuSplit(server.pid) as split:
-                    if which == "ours":
-                        seconds, parts, not_complete = _paced_ours(client, url, instance, count, concurrency)
-                        ours_times.append(seconds)
-                        ours_parts += parts
-                        failed += not_complete
-                    else:
-                        seconds, parts = _paced_raw(client, folder, count, concurrency)
-                        raw_times.append(seconds)
-                        raw_parts += parts
-                cpu[which].append(split)
+        with baseline_server(folder / "bare", database=folder / "jobs.db") as (bare, bare_process):
+            poll_url = f"{bare}/row/1"  # the warm-up's first job
+            requests.get(poll_url, timeout=30).raise_for_status()
+            arms = list(times)
+            for round_ in range(rounds):
+                for which in arms[round_ % 3:] + arms[:round_ % 3]:
+                    # Each run starts on a quiet machine: the server's last removals done, dirty pages written.
+                    settle_containers(instance, 30)
+                    os.sync()
+                    time.sleep(1)
+                    # The server's CPU is counted on every side: idle, it still costs a little.
+                    with CpuSplit(bare_process.pid if which == "polled" else server.pid) as split:
+                        if which == "ours":
+                            seconds, parts, not_complete = _paced_ours(client, url, instance, count, concurrency)
+                            ours_parts += parts
+                            failed += not_complete
+                        elif which == "raw":
+                            seconds, parts = _paced_raw(client, folder, count, concurrency)
+                            raw_parts += parts
+                        else:
+                            seconds, _ = _paced_raw(client, folder, count, concurrency, poll_url=poll_url)
+                    times[which].append(seconds)
+                    cpu[which].append(split)
         problems, first_problems = log_problems(folder / "dsm.log")
-    ratios = [o / r for o, r in zip(ours_times, raw_times, strict=True)]
-    ratio = statistics.median(ratios)
+    ratios = [o / r for o, r in zip(times["ours"], times["raw"], strict=True)]
+    floors = [p / r for p, r in zip(times["polled"], times["raw"], strict=True)]
+    ratio, floor = statistics.median(ratios), statistics.median(floors)
+    median = {w: statistics.median(t) for w, t in times.items()}
     table(f"{count} trivial jobs (busybox, host network, one bind mount), {concurrency} clients each submitting"
-          f" and polling every 50 ms, {rounds} alternating rounds; {DEFAULT}{note}", [
-              ("time until all final (s), median", f"{statistics.median(ours_times):.2f}",
-               f"{statistics.median(raw_times):.2f} ({concurrency} threads of containers.run)",
+          f" and polling every 50 ms, {rounds} rounds in rotating order; {DEFAULT}{note}", [
+              ("time until all final (s), median", f"{median['ours']:.2f}",
+               f"{median['raw']:.2f} ({concurrency} threads of containers.run)",
                verdict(ratio <= 1.10 and failed == 0, f"<= 1.10x the raw SDK (median of rounds: {ratio:.2f}x)")),
-              ("each round (s)", " ".join(f"{t:.2f}" for t in ours_times), " ".join(f"{t:.2f}" for t in raw_times),
-               "ratios: " + " ".join(f"{r:.2f}" for r in ratios)),
-              ("jobs per second, median", f"{count / statistics.median(ours_times):.1f}",
-               f"{count / statistics.median(raw_times):.1f}",
+              ("each round (s)", " ".join(f"{t:.2f}" for t in times["ours"]),
+               " ".join(f"{t:.2f}" for t in times["raw"]), "ratios: " + " ".join(f"{r:.2f}" for r in ratios)),
+              ("jobs per second, median", f"{count / median['ours']:.1f}", f"{count / median['raw']:.1f}",
                f"not complete: {failed}; server log errors: {problems}"),
+              ("the SDK's calls, each client polling the bare route every 50 ms meanwhile (s), median", "",
+               f"{median['polled']:.2f}", f"{floor:.2f}x the SDK alone: the polls' own share of this machine,"
+               f" the floor for any server (rounds: {' '.join(f'{r:.2f}' for r in floors)})"),
           ])
     rows = []
     for name, what in (("to create", "submit -> create (SDK: call -> create)"), ("create to start", "create -> start"),
@@ -213,16 +228,17 @@ def paced_jobs(count: int, concurrency: int, rounds: int, note: str = "") -> Non
     def per_job(which: str, part: str) -> str:
         return f"{statistics.median(getattr(s, part) for s in cpu[which]) * 1000 / count:.0f}"
 
-    busy = {w: statistics.median(s.busy_share for s in cpu[w]) for w in cpu}
+    busy = {w: f"{statistics.median(s.busy_share for s in cpu[w]):.0%}" for w in cpu}
     table(f"CPU per job (ms of one CPU, median of rounds) from /proc; the machine's {os.cpu_count()} CPUs were"
-          f" {busy['ours']:.0%} busy during our rounds, {busy['raw']:.0%} during the SDK's", [
+          f" {busy['ours']} busy during our rounds, {busy['raw']} during the SDK's, {busy['polled']} during the"
+          f" SDK's with polls", [
               ("the client: this bench (ours: the submit and the polls; SDK: its calls)", per_job("ours", "client"),
-               per_job("raw", "client"), "4CAT's poll pattern, with requests"),
+               per_job("raw", "client"), per_job("polled", "client"), "4CAT's poll pattern, with requests"),
               ("the server, all its processes", per_job("ours", "server_cpu"), per_job("raw", "server_cpu"),
-               "SDK column: the idle server"),
+               per_job("polled", "server_cpu"), "SDK: our idle server; with polls: the bare route's"),
               ("everything else: Docker engine, containerd, runc, the kernel", per_job("ours", "other"),
-               per_job("raw", "other"), ""),
-          ], header=("who", "dmi-service-manager", "containers.run", "note"))
+               per_job("raw", "other"), per_job("polled", "other"), ""),
+          ], header=("who", "dmi-service-manager", "containers.run", "containers.run + polls", "note"))
     for line in first_problems:
         print(f"server log: {line}")
 
@@ -262,9 +278,10 @@ def _paced_ours(client: docker.DockerClient, url: str, instance: str, count: int
     return seconds, parts, sum(status != "complete" for *_, status in records)
 
 
-def _paced_raw(client: docker.DockerClient, folder: Path, count: int,
-               concurrency: int) -> tuple[float, list[dict[str, float]]]:
-    """One round of the same containers through the SDK: (seconds, per-call segments)."""
+def _paced_raw(client: docker.DockerClient, folder: Path, count: int, concurrency: int,
+               poll_url: str | None = None) -> tuple[float, list[dict[str, float]]]:
+    """One round of the same containers through the SDK: (seconds, per-call segments). With `poll_url`, each
+    client polls it every 50 ms while its call runs, as 4CAT would poll a job."""
     run = uuid.uuid4().hex[:8]
     calls: dict[str, tuple[float, float]] = {}
 
@@ -275,10 +292,28 @@ def _paced_raw(client: docker.DockerClient, folder: Path, count: int,
                               volumes={str(folder / "4cat"): {"bind": "/app/data", "mode": "rw"}})
         calls[f"{run}-{index}"] = (begun, time.time())
 
+    def polled(runner: ThreadPoolExecutor, session: requests.Session, index: int) -> None:
+        call = runner.submit(one, index)
+        while True:
+            time.sleep(0.05)
+            session.get(poll_url, timeout=30).json()  # type: ignore[arg-type]
+            if call.done():
+                call.result()
+                return
+
+    def client_loop(indexes: list[int]) -> None:
+        session = requests.Session()
+        with ThreadPoolExecutor(1) as runner:
+            for index in indexes:
+                polled(runner, session, index)
+
     recorder = DockerEvents(client, [LABEL_RAW])
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(count)))
+        if poll_url is None:
+            list(pool.map(one, range(count)))
+        else:
+            list(pool.map(client_loop, [list(range(count))[i::concurrency] for i in range(concurrency)]))
     seconds = time.perf_counter() - started
     events = recorder.close()
     return seconds, [p for key, (sub, done) in calls.items() if (p := segments(sub, events.get(key, {}), done))]
