@@ -287,7 +287,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def uvicorn_settings() -> dict[str, Any]:
-    """The server settings `dsm serve` runs with (see the README's performance section for why)."""
+    """The server settings `dsm serve` runs with (see docs/performance.md for why)."""
     return {
         "http": GuardedHttpToolsProtocol,
         # asyncio's loop, not uvloop: under a burst of 1,000 kept-alive connections uvloop left new ones
