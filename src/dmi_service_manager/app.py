@@ -232,7 +232,7 @@ class DsmApp(FastAPI):
 def create_app(config: Config, port: int) -> FastAPI:
     context = AppContext.build(config, port)
     serving.use_policy(context.policy)
-    serving.quiet_cut_answers()
+    serving.quiet_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

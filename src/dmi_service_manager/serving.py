@@ -58,11 +58,14 @@ class _DropCutAnswers(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], AnswerCut))
 
 
-def quiet_cut_answers() -> None:
-    """Called in each worker once uvicorn has set up its logging, which would replace an earlier filter."""
+def quiet_logs() -> None:
+    """What the log leaves out: answers cut on purpose, and python-multipart's warning for each body it
+    refuses (the client gets that reason in its 400; logged too, any client could write a line per request).
+    Called in each worker once uvicorn has set up its logging, which would replace an earlier filter."""
     server_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _DropCutAnswers) for f in server_log.filters):
         server_log.addFilter(_DropCutAnswers())
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 def raise_descriptor_limit() -> tuple[int, int]:
