@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sqlite3
 import time
 import uuid
 from collections import Counter
@@ -19,7 +20,7 @@ import tes
 
 from dmi_service_manager.errors import BadRequest
 from dmi_service_manager.tes.schema import Task, parse_task
-from support import BUSYBOX, Server, containers_of
+from support import BUSYBOX, Server, containers_of, wait_until
 from tes_support import (
     FileServer,
     Redirect,
@@ -277,6 +278,36 @@ def test_a_task_survives_a_server_kill_between_its_executors(make_tes: Callable[
     logs = executor_logs(task)
     assert [log["exit_code"] for log in logs] == [0, 0]
     assert logs[0]["stdout"] == "one\n" and logs[1]["stdout"] == "two\n"
+    starts = Counter(event["id"] for event in container_events(docker_client, env.server.instance, since,
+                                                                ("start",)))
+    assert len(starts) == 2 and set(starts.values()) == {1}, starts  # one container per executor, started once
+
+
+@pytest.mark.parametrize("ends_while_down", [True, False], ids=["ends-while-down", "runs-on"])
+def test_an_executor_whose_start_a_crash_kept_unrecorded_runs_once(make_tes: Callable[..., Tes],
+                                                                  docker_client: docker.DockerClient,
+                                                                  ends_while_down: bool) -> None:
+    """The server died after it started an executor's container and before it wrote that down (the state
+    below is exactly what that crash leaves). The next server adopts that run; it never starts a second."""
+    env = make_tes()
+    since = time.time()
+    task_id = env.api.create({"executors": [executor("echo", "zero"), executor("sh", "-c", "sleep 2; echo one")]})
+    job_id = int(env.server.get("/jobs/?current=1").json()["jobs"][0]["id"])
+
+    def second_step() -> list[Any]:
+        return [c for c in containers_of(docker_client, env.server.instance, job_id)
+                if c.labels.get("dmi-service-manager.step") == "1"]
+
+    wait_until(lambda: any(c.status == "running" for c in second_step()), 30, 0.05, "the second executor's run")
+    env.server.kill()
+    with sqlite3.connect(env.server.config["DATABASE_FILE"]) as db:
+        db.execute("UPDATE jobs SET container_id = NULL WHERE id = ?", (job_id,))
+    if ends_while_down:
+        wait_until(lambda: all(c.status == "exited" for c in second_step()), 30, 0.1, "the run's end")
+    env.server.start()
+    task = env.api.wait(task_id, timeout=60)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert [log["stdout"] for log in executor_logs(task)] == ["zero\n", "one\n"]
     starts = Counter(event["id"] for event in container_events(docker_client, env.server.instance, since,
                                                                 ("start",)))
     assert len(starts) == 2 and set(starts.values()) == {1}, starts  # one container per executor, started once

@@ -338,8 +338,15 @@ class Scheduler:
         if job is None or job.status.final:
             self.backend.remove(container_id)
             return
-        if job.container_id != container_id:  # an earlier step's container, already recorded
-            self._quietly(self.backend.remove, container_id)
+        if job.container_id != container_id:
+            state = ended or self.backend.inspect(container_id)
+            if state is not None and int(state.labels.get(LABEL_STEP, job.step)) == job.step:
+                # This step's own run, whose start a crash kept from being recorded: never removed (its
+                # step would run twice); the reconcile pass adopts it, then its end is recorded.
+                with self._lock:
+                    self._flags.reconcile_due = True
+                return
+            self._quietly(self.backend.remove, container_id)  # an earlier step's container, already recorded
             return
         # The container's output is read while its state is asked for (if the event did not tell it): two
         # round trips to the engine cost one. Nearly every container asked about here has ended; a read for
@@ -558,9 +565,10 @@ class Scheduler:
                 else:
                     self.store.release_claim(job.id)  # claimed, never created: start it again
                 continue
-            if found.status == "created" or job.status != JobStatus.RUNNING:
-                # Made before a crash but maybe never started or recorded: finish that start now (never a
-                # second run, and never a second preparation under a run that may be going).
+            if found.status == "created" or job.status != JobStatus.RUNNING or found.id != job.container_id:
+                # Made before a crash but maybe never started or recorded: finish that start now, which
+                # finds the run by its name and records it (never a second run, and never a second
+                # preparation under a run that may be going).
                 self._submit(self._launch_task, job)
             elif found.ended:
                 with self._lock:  # inspected again when finished: a listing can be a moment old
