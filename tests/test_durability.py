@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -12,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import pytest
 import requests
 
-from support import BUSYBOX, Server, base_config, containers_of, wait_until
+from support import BUSYBOX, INSTANCE_LABEL, Server, base_config, containers_of, wait_until
 
 
 def test_a_job_survives_a_server_kill_and_is_adopted(make_server: Callable[..., Server]) -> None:
@@ -44,6 +46,31 @@ def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code
     assert job["status"] == "error" and results["returncode"] == 7
     assert "failed while you were away" in results["error"]
     wait_until(lambda: containers_of(docker_client, server.instance, key) == [], 10, what="the container removed")
+
+
+@pytest.mark.parametrize("ends_while_down", [True, False], ids=["ends-while-down", "runs-on"])
+def test_a_job_whose_start_a_crash_kept_unrecorded_runs_once(make_server: Callable[..., Server],
+                                                            docker_client: docker.DockerClient,
+                                                            ends_while_down: bool) -> None:
+    """The server died after it started a job's container and before it wrote that down: the row below is
+    what that crash leaves (claimed, still pending). The next server adopts the run and never starts a second."""
+    server = make_server()
+    since = time.time()
+    key = server.submit("fake_local", ["--sleep", "2", "--stdout", "once", "--exit", "0"])["key"]
+    server.wait_status(key, "running")
+    server.kill()
+    with sqlite3.connect(server.config["DATABASE_FILE"]) as db:
+        db.execute("UPDATE jobs SET status = 'pending', container_id = NULL, started_at = NULL WHERE id = ?", (key,))
+    container = containers_of(docker_client, server.instance, key)[0]
+    if ends_while_down:
+        wait_until(lambda: container.reload() or container.status == "exited", 20)
+    server.start()
+    job = server.wait_final(key, 30)
+    assert job["status"] == "complete" and "once" in json.loads(job["results"])["report"]
+    starts = docker_client.events(since=since, until=time.time(), decode=True, filters={
+        "type": "container", "event": "start",
+        "label": [f"{INSTANCE_LABEL}={server.instance}", f"dmi-service-manager.job={key}"]})
+    assert [event["id"] for event in starts] == [container.id]  # started once, by the first server
 
 
 def test_a_job_whose_container_vanished_ends_in_error_saying_so(
