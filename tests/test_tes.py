@@ -313,6 +313,64 @@ def test_an_executor_whose_start_a_crash_kept_unrecorded_runs_once(make_tes: Cal
     assert len(starts) == 2 and set(starts.values()) == {1}, starts  # one container per executor, started once
 
 
+def test_a_task_whose_end_a_crash_kept_from_its_record_completes_with_its_outputs(
+        make_tes: Callable[..., Tes]) -> None:
+    """The last executor ended and the outputs were copied, but the server died before it wrote the task's end
+    (here its write waits on a lock this test holds). The next server reads that end again from the same work
+    area: the task completes with its outputs, not a failure to find them."""
+    env = make_tes()
+    out = env.root / f"out-{unique()}.txt"
+    task_id = env.api.create({"volumes": ["/shared"], "executors": [
+        executor("sh", "-c", "echo one > /shared/a"), executor("sh", "-c", "sleep 2; echo two >> /shared/a")],
+        "outputs": [{"url": env.file_url(out), "path": "/shared/a", "type": "FILE"}]})
+    with sqlite3.connect(env.server.config["DATABASE_FILE"], isolation_level=None) as db:
+
+        def second_recorded() -> bool:
+            row = db.execute("SELECT step, container_id FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            return row is not None and row[0] == 1 and row[1] is not None
+
+        wait_until(second_recorded, 30, 0.05, "the second executor's start recorded")
+        time.sleep(0.5)  # the rest of its start's writes
+        db.execute("BEGIN EXCLUSIVE")  # from here no write gets through, the task's end included
+        wait_until(out.exists, 30, 0.05, "the outputs copied")
+        time.sleep(0.5)
+        env.server.kill()
+        db.execute("ROLLBACK")
+    env.server.start()
+    task = env.api.wait(task_id, timeout=60)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert out.read_text() == "one\ntwo\n"
+    job_id = next(j["id"] for j in env.server.get("/jobs/").json()["jobs"] if j["task_id"] == task_id)
+    wait_until(lambda: not (env.work / str(job_id)).exists(), 10, 0.1, "the work area removed")
+
+
+def test_work_areas_that_ended_tasks_left_are_swept_at_start_and_a_running_ones_kept(
+        make_tes: Callable[..., Tes]) -> None:
+    env = make_tes()
+    out = env.root / f"out-{unique()}.txt"
+    running = env.api.create({"volumes": ["/shared"],
+                              "executors": [executor("sh", "-c", "sleep 4; echo kept > /shared/a")],
+                              "outputs": [{"url": env.file_url(out), "path": "/shared/a", "type": "FILE"}]})
+    env.api.wait(running, {"RUNNING"}, 30)
+    env.server.kill()
+    left = env.work / "999999"  # the area of a task whose end was recorded just before a crash
+    left.mkdir()
+    fd = os.open(left, os.O_RDONLY)
+    for _ in range(1_500):  # deeper than a recursive removal goes
+        os.mkdir("d", dir_fd=fd)
+        fd, above = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(above)
+    os.close(fd)
+    notes = env.work / "notes"  # not an area: not ours to remove
+    notes.mkdir()
+    env.server.start()
+    wait_until(lambda: not left.exists(), 30, 0.1, "the ended task's area removed")
+    assert notes.exists()
+    task = env.api.wait(running, timeout=60)
+    assert task["state"] == "COMPLETE", system_logs(task)
+    assert out.read_text() == "kept\n"
+
+
 # -- views and lists
 
 

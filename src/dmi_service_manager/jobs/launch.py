@@ -160,3 +160,9 @@ class FourCatWorkload:
 
     def failed(self, job: Job, message: str, failure: Failure) -> Ended:
         return Ended(status=JobStatus.ERROR, results=error_results(message), failure=failure)
+
+    def cleanup(self, job: Job) -> None:
+        return None  # its files are 4CAT's (the dataset folder) or the uploads', kept by their own rules
+
+    def sweep(self, active: set[int]) -> None:
+        return None

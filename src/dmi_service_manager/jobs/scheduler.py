@@ -60,6 +60,7 @@ class _Flags:
     foreign: list[tuple[str, str]] = field(default_factory=list)  # (container, service) we did not start
     warned_foreign: set[str] = field(default_factory=set)
     reconcile_due: bool = True
+    swept: bool = False
     last_reconcile: float = 0.0
     notes_at: float = 0.0
 
@@ -133,6 +134,10 @@ class Scheduler:
     def tick(self) -> None:
         now = time.time()
         jobs = self.store.active()
+        if not self._flags.swept:  # the first pass after a start: what ended jobs left before a crash
+            self._flags.swept = True
+            for workload in self.workloads.values():
+                self._quietly(workload.sweep, {j.id for j in jobs})
         holding = [j for j in jobs if j.holds_capacity]
         waiting = [j for j in jobs if not j.holds_capacity]
         due = self._flags.reconcile_due or now - self._flags.last_reconcile > RECONCILE_SECONDS
@@ -393,25 +398,26 @@ class Scheduler:
         if job.stop_reason:
             # Stopped by us (timeout, cancel): the job says so only once its container is gone.
             self.backend.remove(container_id)
-            self._end(job_id, result)
+            self._end(job, result)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
-            self._end(job_id, result)
+            self._end(job, result)
             self.backend.remove(container_id)
         log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
 
-    def _end(self, job_id: int, ended: Ended, message: str | None = None) -> None:
-        if self.store.finish(job_id, ended.status, ended.results, failure=ended.failure, message=message,
+    def _end(self, job: Job, ended: Ended, message: str | None = None) -> None:
+        if self.store.finish(job.id, ended.status, ended.results, failure=ended.failure, message=message,
                              task_log=ended.task_log) and self.on_final is not None:
             try:
-                self.on_final(job_id)
+                self.on_final(job.id)
             except Exception:
-                log.exception("job %s: final-state hook failed", job_id)
+                log.exception("job %s: final-state hook failed", job.id)
+        self._quietly(self.workloads[job.kind].cleanup, job)  # only now that the end is on record
         self._wake.set()  # capacity was freed
 
     def _fail(self, job: Job, message: str, failure: Failure) -> None:
         ended = self.workloads[job.kind].failed(job, message, failure)
-        self._end(job.id, ended, message=message if not job.started_at else None)
+        self._end(job, ended, message=message if not job.started_at else None)
 
     # -- timeouts, cancels, abandoned jobs
 

@@ -76,3 +76,10 @@ class Workload(Protocol):
 
     def failed(self, job: Job, message: str, failure: Failure) -> Ended:
         """The end of a job that failed without a container exit to read (start, engine, cancel)."""
+
+    def cleanup(self, job: Job) -> None:
+        """What the job left on this server goes, once its end is on record (never before: a crash in
+        between must leave the next server what it needs to read that end again)."""
+
+    def sweep(self, active: set[int]) -> None:
+        """After a restart: what jobs no longer in `active` left, where a crash came before their clean-up."""

@@ -10,12 +10,12 @@ then executors have written there.
 
 from __future__ import annotations
 
+import os
 import posixpath
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files.storage import Parts, Storage
+from ..files.storage import Parts, Storage, remove_tree
 from ..runtime.base import Mount
 from .schema import Task, has_wildcard
 
@@ -75,15 +75,12 @@ class WorkArea:
 
     def create(self) -> None:
         """A fresh, empty area: a restarted preparation starts from nothing."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_area(self.root)
         self.root.mkdir(parents=True)
         for index in range(len(self.folders)):
             self._folder_host(index).mkdir()
         for index in range(len(self.top_files)):
             (self.root / f"t{index}").touch()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def mounts(self) -> list[Mount]:
         found = [Mount(host=str(self._folder_host(i)), container=f) for i, f in enumerate(self.folders)]
@@ -113,3 +110,15 @@ class WorkArea:
                 inner = path[len(folder):].strip("/")
                 return Storage(self._folder_host(index)), tuple(inner.split("/")) if inner else ()
         raise ValueError(f"{path} is not in a folder of the task's work area")
+
+
+def remove_area(root: Path) -> None:
+    """A work area gone, however deep or odd the tree its executors left (never through a symlink)."""
+    try:
+        parent = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        remove_tree(parent, root.name)
+    finally:
+        os.close(parent)

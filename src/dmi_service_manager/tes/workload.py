@@ -14,6 +14,7 @@ import shlex
 import shutil
 import socket
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from ..config import Config
@@ -25,7 +26,7 @@ from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec,
 from .images import image_allowed
 from .schema import Output, Task, has_wildcard
 from .transfer import FileRoots, HttpPolicy, TransferFailed, copy_in, copy_out, scheme_of, write_file
-from .workarea import WorkArea, wildcard_base
+from .workarea import WorkArea, remove_area, wildcard_base
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,26 @@ class TesWorkload:
         self.http = HttpPolicy.of(config.tes_http_allowed_networks, config.tes_http_max_bytes,
                                   config.tes_http_timeout)
 
+    def _root(self, job_id: int) -> Path:
+        return self.config.tes_work_folder / str(job_id)
+
     def area(self, job: Job, task: Task | None = None) -> WorkArea:
-        return WorkArea.of(task or Task.model_validate(job.task), self.config.tes_work_folder / str(job.id))
+        return WorkArea.of(task or Task.model_validate(job.task), self._root(job.id))
+
+    def cleanup(self, job: Job) -> None:
+        """The work area goes only once the task's end is on record: a crash before that leaves the next
+        server the same files to read the end from again (its outputs are copied again, whole)."""
+        remove_area(self._root(job.id))
+
+    def sweep(self, active: set[int]) -> None:
+        """Work areas of tasks that ended, where a crash came between the record of the end and the clean-up."""
+        try:
+            entries = list(self.config.tes_work_folder.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.isdigit() and int(entry.name) not in active:
+                remove_area(entry)
 
     # -- before the first executor
 
@@ -99,10 +118,8 @@ class TesWorkload:
             for index, item in enumerate(task.inputs):
                 self._stage(index, item.model_dump(), area)
         except TransferFailed as exc:
-            area.remove()
             raise CannotRun(str(exc), Failure.INPUT) from None
         except OSError as exc:
-            area.remove()
             raise CannotRun(f"staging inputs failed: {exc}", Failure.INPUT) from None
         log.info("task %s (job %s): %d input(s) staged", job.task_id, job.id, len(task.inputs))
 
@@ -203,7 +220,6 @@ class TesWorkload:
         except TransferFailed as exc:
             return self._ended(job, task_log, f"copying the outputs failed: {exc}", Failure.OUTPUT)
         task_log["end_time"] = rfc3339(ended)
-        area.remove()
         return Ended(status=JobStatus.COMPLETE, results={"returncode": 0, "error": exit.stderr.text,
                                                          "report": exit.stdout.text}, task_log=task_log)
 
@@ -214,7 +230,6 @@ class TesWorkload:
                stderr: str = "") -> Ended:
         task_log.setdefault("system_logs", []).append(why)
         task_log["end_time"] = rfc3339(datetime.now(UTC).timestamp())
-        self.area(job).remove()
         return Ended(status=JobStatus.ERROR, failure=failure, task_log=task_log,
                      results=error_results(why + (f"\n{stderr}" if stderr else ""), returncode=returncode))
 
