@@ -76,6 +76,25 @@ class Process:
                 os.killpg(self.handle.pid, signal.SIGKILL)
 
 
+def write_config(folder: Path, **config: Any) -> Path:
+    """A config under `folder` (its database, upload and 4CAT folders there too), with `config` on top."""
+    (folder / "uploads").mkdir(exist_ok=True)
+    (folder / "4cat").mkdir(exist_ok=True)
+    settings: dict[str, Any] = {"DATABASE_FILE": str(folder / "jobs.db"), "UPLOAD_FOLDER_PATH": str(folder / "uploads"),
+                                "4CAT_DATASETS_PATH": str(folder / "4cat"), "LOG_LEVEL": "WARNING",
+                                "DOCKER_ENDPOINTS": {}}
+    settings.update(config)
+    (folder / "config.yml").write_text(yaml.safe_dump(settings))
+    return folder / "config.yml"
+
+
+def serve_args(config: Path, port: int, workers: int | None = None) -> list[str]:
+    """`dsm serve` on loopback; workers=None passes no `--workers`, as a user runs it."""
+    args = [PYTHON, "-m", "dmi_service_manager", "serve", "--config", str(config), "--host", "127.0.0.1",
+            "--port", str(port)]
+    return args + (["--workers", str(workers)] if workers is not None else [])
+
+
 @contextmanager
 def dsm_server(folder: Path, workers: int | None = None, env: dict[str, str] | None = None,
                **config: Any) -> Iterator[tuple[str, Process]]:
@@ -85,19 +104,9 @@ def dsm_server(folder: Path, workers: int | None = None, env: dict[str, str] | N
     is one worker per CPU, at most 4). An int passes `--workers N`. `env`: added to os.environ for the server's
     process (e.g. a Slurm cluster's SLURM_CONF).
     """
-    (folder / "uploads").mkdir(exist_ok=True)
-    (folder / "4cat").mkdir(exist_ok=True)
-    settings: dict[str, Any] = {"DATABASE_FILE": str(folder / "jobs.db"), "UPLOAD_FOLDER_PATH": str(folder / "uploads"),
-                                "4CAT_DATASETS_PATH": str(folder / "4cat"), "LOG_LEVEL": "WARNING",
-                                "DOCKER_ENDPOINTS": {}}
-    settings.update(config)
-    (folder / "config.yml").write_text(yaml.safe_dump(settings))
     port = free_port()
-    args = [PYTHON, "-m", "dmi_service_manager", "serve", "--config", str(folder / "config.yml"),
-            "--host", "127.0.0.1", "--port", str(port)]
-    if workers is not None:
-        args += ["--workers", str(workers)]
-    process = Process(args, folder, env=env, log=folder / "dsm.log")
+    process = Process(serve_args(write_config(folder, **config), port, workers), folder, env=env,
+                      log=folder / "dsm.log")
     instance = None
     try:
         wait_http(f"http://127.0.0.1:{port}/api/")
