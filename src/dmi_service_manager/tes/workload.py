@@ -95,7 +95,10 @@ class TesWorkload:
             return
         for entry in entries:
             if entry.name.isdigit() and int(entry.name) not in active:
-                remove_area(entry)
+                try:
+                    remove_area(entry)
+                except OSError as exc:  # one area the server may not remove keeps none of the others
+                    log.warning("could not remove the work area %s of an ended task: %s", entry, exc)
 
     # -- before the first executor
 
