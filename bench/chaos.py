@@ -11,6 +11,7 @@ Three runs of the default `dsm serve`, each on a folder of its own, each for --c
    (its supervisor starts another; the scheduler moves to a live worker);
 3. TES: three-executor tasks sharing a volume (each executor appends its mark and writes an 8 MiB file), with
    four outputs to file:// URLs; the whole server killed as in 1.
+With --slurm, runs 1 and 3 again with BACKEND: slurm on the private two-node cluster of the tests.
 After the last cycle one more server starts and every job is waited for (at most --settle s). Counted: jobs and
 tasks accepted and how they ended, jobs (never cancelled) that never ran, marks written more than once (a run
 started twice), uploads answered 200 whose file is missing or of another size, files of another size or
@@ -57,7 +58,9 @@ from common import (
 )
 
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 from dmi_service_manager.runtime.images import build_service
+from slurm_cluster import SlurmCluster, install_slurm, slurm_missing
 
 SERVICE = {"image_name": BUSYBOX, "local": True, "command": "sh -c", "data_path": "/app/data"}
 FINAL = ("complete", "error")
@@ -175,20 +178,22 @@ def _is_worker(pid: int) -> bool:
 
 
 def run(name: str, cycles: int, rng: random.Random, kill: Callable[[Process, random.Random], bool],
-        tes: bool, settle: float) -> list[tuple[str, ...]]:
+        tes: bool, settle: float, slurm: SlurmCluster | None = None) -> list[tuple[str, ...]]:
     load = Load()
     with workdir(f"dsm-chaos-{name.split()[0]}-") as folder:
         tes_root = folder / "tes-data"
         tes_root.mkdir()
+        backend = {"BACKEND": "slurm", "SLURM_SPOOL_PATH": str(folder / "slurm-jobs")} if slurm else {}
         config = write_config(folder, LOG_LEVEL="INFO", MAX_CONCURRENT_JOBS=4, DOCKER_ENDPOINTS={"noop": SERVICE},
                               TES_ENABLED=tes, TES_ALLOWED_IMAGES=[BUSYBOX], TES_FILE_ROOTS=[str(tes_root)],
-                              TES_WORK_PATH=str(folder / "tes-work"))
+                              TES_WORK_PATH=str(folder / "tes-work"), **backend)
         token = dsm_token(folder, "chaos", "admin")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
 
         def start() -> Process:
-            process = Process(serve_args(config, port), folder, log=folder / "dsm.log")
+            process = Process(serve_args(config, port), folder, env=slurm.env if slurm else None,
+                              log=folder / "dsm.log")
             wait_http(f"{url}/api/", timeout=60)
             return process
 
@@ -319,6 +324,9 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=15)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settle", type=float, default=300, help="seconds to wait for every job at the end")
+    parser.add_argument("--slurm", action="store_true",
+                        help="also both whole-server runs with BACKEND: slurm, on the private two-node cluster of the"
+                             " tests (needs root; installs Slurm and MUNGE when missing)")
     args = parser.parse_args()
     cycles = 5 if args.quick else args.cycles
     build_service(str(ROOT / "tests" / "images" / "busybox"), tag=BUSYBOX, log=lambda _: None)
@@ -328,6 +336,17 @@ def main() -> None:
     rows = run("whole server, 4CAT", cycles, rng, _kill_whole, False, args.settle)
     rows += run("one worker, 4CAT", cycles, rng, _kill_worker, False, args.settle)
     rows += run("whole server, TES", cycles, rng, _kill_whole, True, args.settle)
+    if args.slurm:
+        if slurm_missing():
+            install_slurm()
+        with workdir("dsm-chaos-cluster-") as folder:
+            cluster = SlurmCluster(folder / "cluster")
+            try:
+                cluster.start()
+                rows += run("whole server, 4CAT, Slurm", cycles, rng, _kill_whole, False, args.settle, cluster)
+                rows += run("whole server, TES, Slurm", cycles, rng, _kill_whole, True, args.settle, cluster)
+            finally:
+                cluster.stop()
     table(f"{cycles} kills per run", rows, header=("run", "counted", "found", "target"))
 
 
