@@ -141,7 +141,18 @@ def private_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     finally:  # the daemon stops whatever the clean-up raised
         processes[-1].send_signal(signal.SIGTERM)
         processes[-1].wait(60)
+        for root in (short, folder / "data"):
+            _unmount_below(root)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def _unmount_below(folder: Path) -> None:
+    """dockerd leaves its network namespace mounted under its exec root (held open, the namespace would outlive
+    the test), and a daemon that did not stop cleanly its data root bound onto itself."""
+    targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    below = [t for t in targets if t == str(folder) or t.startswith(f"{folder}/")]
+    for target in sorted(below, key=len, reverse=True):  # the deepest first
+        subprocess.run(["umount", "--lazy", target], check=False, capture_output=True)
 
 
 def _pings(url: str) -> bool:
