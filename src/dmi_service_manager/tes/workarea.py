@@ -119,6 +119,10 @@ def remove_area(root: Path) -> None:
     except FileNotFoundError:
         return
     try:
+        try:
+            os.stat(root.name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # nothing to remove (a task's first preparation, or one that never had an area): no `rm`
         remove_tree(parent, root.name)
     finally:
         os.close(parent)
