@@ -5,6 +5,7 @@ Every 200 answer a test reads through TesApi has been checked against the offici
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sqlite3
 import subprocess
@@ -183,13 +184,15 @@ def test_wildcard_outputs_land_in_the_url_folder_with_their_logs(shared: Tes) ->
 
 
 def test_a_failing_executor_ends_the_task_unless_its_error_is_ignored(shared: Tes) -> None:
-    failing = shared.api.create({"executors": [executor("sh", "-c", "echo first; exit 3"),
+    failing = shared.api.create({"executors": [executor("sh", "-c", "echo first; echo secret >&2; exit 3"),
                                                executor("echo", "second")]})
     ignored = shared.api.create({"executors": [executor("sh", "-c", "echo first; exit 3", ignore_error=True),
                                                executor("echo", "second")]})
     failed = shared.api.wait(failing)
     assert failed["state"] == "EXECUTOR_ERROR"
     assert [log["exit_code"] for log in executor_logs(failed)] == [3]  # the second never ran
+    listed = next(j for j in shared.server.get("/jobs/?kind=tes").json()["jobs"] if j["task_id"] == failing)
+    assert json.loads(listed["results"]) == {"returncode": 3, "error": f"executor 0 ({BUSYBOX}) exited with code 3"}
     went_on = shared.api.wait(ignored)
     assert went_on["state"] == "COMPLETE"
     assert [log["exit_code"] for log in executor_logs(went_on)] == [3, 0]
@@ -404,6 +407,9 @@ def test_views_hold_what_the_spec_says(shared: Tes) -> None:
 
     for view, one in (("MINIMAL", minimal), ("BASIC", basic), ("FULL", full)):
         assert shared.api.list({"name_prefix": name, "view": view})["tasks"] == [one]
+    listed = next(j for j in shared.server.get("/jobs/?kind=tes").json()["jobs"] if j["task_id"] == task_id)
+    assert json.loads(listed["results"]) == {"returncode": 0, "error": ""}  # the server's listing: how it ended,
+    assert "view me" not in json.dumps(listed) and "grumble" not in json.dumps(listed)  # its output behind tokens
     assert_error(shared.api.call("GET", f"/tasks/{task_id}", params={"view": "EVERYTHING"}), 400, "view")
     assert_error(shared.api.call("GET", f"/tasks/{task_id}", params={"view": "bas\u0131c"}), 400, "view")  # dotless ı
 

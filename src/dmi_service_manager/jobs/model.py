@@ -139,12 +139,14 @@ class Job:
     def listed(self) -> dict[str, Any]:
         """The job in a listing, where 4CAT jobs and TES tasks meet: the wire shape, labelled.
 
-        A TES task's output stays behind its tokens: here it shows only how it ended.
+        A TES task's output stays behind its tokens: here it shows only how it ended (and, if it failed, the
+        first line of why: this server's words; an executor's stderr follows them, and a success's is its
+        stderr alone).
         """
         shown = {**self.wire(), "kind": self.kind.value, "task_id": self.task_id}
         if self.kind is Kind.TES and (results := self.results_dict()) is not None:
-            shown["results"] = json.dumps({"returncode": results.get("returncode"),
-                                           "error": (results.get("error") or "").split("\n", 1)[0]})
+            why = (results.get("error") or "").split("\n", 1)[0] if self.status is JobStatus.ERROR else ""
+            shown["results"] = json.dumps({"returncode": results.get("returncode"), "error": why})
         return shown
 
     def details_dict(self) -> dict[str, Any]:
