@@ -165,7 +165,7 @@ class JobService:
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
-                  newest_first: bool = False, where: JobFilter | None = None, batch: int = 16,
+                  newest_first: bool = False, where: JobFilter | None = None, batch: int = 256,
                   batch_bytes: int = 1024 * 1024) -> Iterator[list[Job]]:
         """Jobs a few at a time (at most `batch`, and past `batch_bytes` of text only one), so that a listing
         of every job (4CAT's unpaged call) never sits in memory, however large some jobs' details are."""
@@ -173,7 +173,7 @@ class JobService:
         left = limit
         while left is None or left > 0:
             size = batch if left is None else min(batch, left)
-            found = self.store.jobs(current=current, limit=size, offset=offset if after is None else 0,
+            found = self.store.listing(current=current, limit=size, offset=offset if after is None else 0,
                                     newest_first=newest_first, after=after, where=where, max_bytes=batch_bytes)
             if not found:
                 return

@@ -126,6 +126,9 @@ class TokenRow:
     revoked_at: float | None
 
 
+# What a listing shows of a job (Job.listed): the wire fields, labelled with the kind and the TES id.
+_LISTED_COLUMNS = "id, created_at, jobtype, completed_at, status, message, processed_records, details, results, kind," \
+    " task_id"
 BUSY_MS = 30_000  # how long a write waits for another process's
 MIGRATION_WAIT_MS = 3_600_000
 
@@ -276,12 +279,14 @@ class Store:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
+    def listing(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
              newest_first: bool = False, after: int | None = None, where: JobFilter | None = None,
              max_bytes: int | None = None) -> list[Job]:
-        """Jobs in id order; `after` continues from a job id (in the chosen direction) instead of an offset.
-        `max_bytes`: stop once the jobs read hold that much text (always at least one job): rows are read one
-        by one, so a few huge jobs never sit in memory together."""
+        """Jobs in id order, as a listing shows them: only the columns `Job.listed` reads (a TES task's
+        document and logs can be large), the others left at their defaults. `after` continues from a job id
+        (in the chosen direction) instead of an offset. `max_bytes`: stop once the jobs read hold that much
+        text (always at least one job): rows are read one by one, so a few huge jobs never sit in memory
+        together."""
         clauses: list[str] = []
         params: list[Any] = []
         if current:
@@ -294,7 +299,7 @@ class Store:
         if after is not None:
             clauses.append("id < ?" if newest_first else "id > ?")
             params.append(after)
-        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+        sql = f"SELECT {_LISTED_COLUMNS} FROM jobs" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
         sql += " LIMIT ? OFFSET ?"
         params += [-1 if limit is None else limit, offset]
