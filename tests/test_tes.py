@@ -575,6 +575,19 @@ def test_an_image_outside_the_allow_list_is_refused_naming_the_field(shared: Tes
     assert shared.api.ids() == before
 
 
+def test_more_cpu_cores_than_the_engine_has_are_refused_when_asked_not_at_the_start(
+    shared: Tes, docker_client: docker.DockerClient
+) -> None:
+    cpus = int(docker_client.info()["NCPU"])
+    before = shared.api.ids()
+    too_many = {"executors": [executor("true")], "resources": {"cpu_cores": cpus + 1}}
+    refused = assert_error(shared.api.call("POST", "/tasks", json=too_many), 400, "resources.cpu_cores")
+    assert f"has {cpus} CPUs" in refused["message"]
+    assert shared.api.ids() == before  # never stored, so never a SYSTEM_ERROR later
+    all_of_them = shared.api.create({"executors": [executor("true")], "resources": {"cpu_cores": cpus}})
+    assert shared.api.wait(all_of_them)["state"] == "COMPLETE"
+
+
 @pytest.fixture
 def secret(shared: Tes) -> tuple[Path, str]:
     """A file outside every TES root, beside the shared server's folder, with text that must never leak."""

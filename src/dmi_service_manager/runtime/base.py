@@ -186,6 +186,11 @@ class Backend(Protocol):
     def gpu_problem(self) -> str | None:
         """Why GPUs cannot be attached to runs here, or None when they can."""
 
+    def most_cpus(self) -> float | None:
+        """The most CPUs one run can be given here, so that a larger request is refused when it is made
+        rather than when it would start; None where the engine alone can tell (Slurm refuses a request no
+        node meets at `sbatch`, in its own words)."""
+
 
 __all__ = [
     "LABEL_INSTANCE",

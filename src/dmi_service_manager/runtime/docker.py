@@ -193,6 +193,7 @@ class DockerBackend:
         self.timeout = timeout
         self.gpu_mode = gpu_mode
         self._client: docker.APIClient | None = None
+        self._cpus: int | None = None
 
     @property
     def api(self) -> docker.APIClient:
@@ -278,6 +279,12 @@ class DockerBackend:
         if self.gpu_mode == "environment" or self.gpu_runtime() is not None:
             return None
         return no_gpu_runtime()
+
+    def most_cpus(self) -> float | None:
+        if self._cpus is None:  # the engine's CPU count does not change while it runs: asked once
+            with _engine():
+                self._cpus = int(self.api.info().get("NCPU") or 0)
+        return self._cpus or None
 
     def start(self, container_id: str, spec: ContainerSpec | None = None) -> None:
         with _engine():

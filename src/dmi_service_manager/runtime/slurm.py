@@ -364,6 +364,9 @@ finish "$code"
     def gpu_problem(self) -> str | None:
         return None  # Slurm allocates the cards (GRES); the nodes' engine hands them to the container
 
+    def most_cpus(self) -> float | None:
+        return None  # the partition's nodes may differ and change; sbatch says when none can
+
 
 class SlurmEventStream:
     """The end of each run, found by asking Slurm and the runs' folders every few seconds."""

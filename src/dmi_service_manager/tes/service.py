@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..config import Config, parse_size
-from ..errors import BadRequest, GpuUnavailable, NotFound
+from ..errors import BadRequest, GpuUnavailable, NotFound, RuntimeUnavailable
 from ..jobs.model import Job, Kind
 from ..jobs.service import JobService
 from ..jobs.store import NewJob, Store, TaskFilter
@@ -83,6 +83,8 @@ class TesService:
                 self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, f"outputs[{index}].url")
         parameters, notes = self._backend_parameters(task)
         resources = task.resources
+        if resources is not None and resources.cpu_cores:
+            self._check_cpus(resources.cpu_cores)
         document = task.model_dump(exclude_none=True)
         if resources is not None:
             document["resources"]["backend_parameters"] = parameters  # unsupported keys are neither kept nor shown
@@ -113,6 +115,16 @@ class TesService:
                              extra={"field": "resources.backend_parameters"}) from None
         log.info("TES task %s stored as job %s for %s", task_id, job.id, who)
         return task_id
+
+    def _check_cpus(self, wanted: int) -> None:
+        backend = self.jobs.backend
+        try:
+            most = backend.most_cpus()
+        except RuntimeUnavailable:
+            return  # not known now: the engine itself refuses it at the start, and the task says why
+        if most is not None and wanted > most:
+            raise BadRequest(f"resources.cpu_cores: {wanted} asked for, and the {backend.engine} that runs tasks"
+                             f" here has {most:g} CPUs", extra={"field": "resources.cpu_cores"})
 
     def _check_input(self, index: int, url: str, kind: str) -> None:
         field = f"inputs[{index}].url"
