@@ -257,6 +257,15 @@ def test_a_tes_task_runs_its_executors_through_slurm(make_server: Callable[..., 
     assert final["state"] == "COMPLETE", server.get(f"/ga4gh/tes/v1/tasks/{task_id}?view=FULL", headers=headers).text
     assert (tmp_path / "tes-data" / "count.txt").read_text().strip() == "3"
 
+    # No node has this many CPUs: sbatch refuses it in Slurm's words, and the task ends saying so at once.
+    too_big = {"executors": [{"image": BUSYBOX, "command": ["true"]}],
+               "resources": {"cpu_cores": slurm_cluster.cpus + 1}}
+    task_id = server.post("/ga4gh/tes/v1/tasks", json=too_big, headers=headers).json()["id"]
+    final = wait_until(lambda: (t := server.get(f"/ga4gh/tes/v1/tasks/{task_id}?view=FULL", headers=headers).json())
+                       ["state"] not in ("QUEUED", "INITIALIZING", "RUNNING") and t, 60, 0.5, "the refusal")
+    assert final["state"] == "SYSTEM_ERROR"
+    assert "sbatch" in " ".join(final["logs"][0]["system_logs"]), final
+
 
 def test_the_docker_backend_reuses_its_connections_to_the_engine() -> None:
     """The SDK would open a connection for each container a call is about (its pools are keyed by the whole
