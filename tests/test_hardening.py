@@ -267,7 +267,7 @@ def test_half_open_connections_do_not_shut_out_other_clients(server: Server) -> 
             sock.close()
 
 
-def test_refused_hosts_are_dropped_when_they_connect_but_proxies_and_loopback_get_a_hearing() -> None:
+def test_refused_hosts_are_refused_when_they_connect_but_proxies_and_loopback_get_a_hearing() -> None:
     policy = AccessPolicy(["10.0.0.0/8"], ["192.168.5.5"])
     assert policy.may_connect("10.1.2.3")
     assert policy.may_connect("192.168.5.5")  # speaks for others: the request decides
@@ -587,8 +587,9 @@ def _namespace(name: str, host: str, inside: str) -> Iterator[None]:
                     reason="needs root and iproute2 (setup.sh installs it)")
 def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: Path) -> None:
     """3,000 connections at once from a refused address, against a server limited to 256 open files: each is
-    closed as it is accepted, and allowed clients are answered throughout (asyncio alone accepted thousands
-    before dropping one, ran out of descriptors, and logged a traceback per try)."""
+    answered 403 as it is accepted, and at most 32 linger to be read, so allowed clients are answered
+    throughout (asyncio alone accepted thousands before dropping one, ran out of descriptors, and logged a
+    traceback per try)."""
     host, attacker = "10.231.7.1", "10.231.7.2"
     with _namespace("dsmflood", host, attacker):
         server = Server(tmp_path, base_config(tmp_path, IP_WHITELIST=[f"{host}/32"]), host=host, open_files=256)
@@ -609,6 +610,48 @@ def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: P
     assert len(waits) >= 10 and max(waits) < 1.0, waits
     log = server.log()
     assert "out of system resource" not in log and "Too many open files" not in log, log[-2000:]
+
+
+REFUSED_CLIENT = """
+import json, sys, requests
+url, rounds = sys.argv[1], int(sys.argv[2])
+seen = []
+for _ in range(rounds):
+    for method, path, kwargs in (("GET", "/api/", {}), ("GET", "/api/jobs/1", {}),
+                                 ("POST", "/api/fake_local", {"json": {"args": ["x"] * 2000}}),
+                                 ("POST", "/api/send_files", {"data": {"folder_name": "c"},
+                                                              "files": {"4cat_uploads": ("a.txt", b"a" * 20000)}})):
+        try:
+            answer = requests.request(method, url + path, timeout=30, **kwargs)  # a new connection each, as 4CAT
+            seen.append([answer.status_code, answer.headers.get("content-type"), answer.json()])
+        except Exception as exc:
+            seen.append([repr(exc)])
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                    reason="needs root and iproute2 (setup.sh installs it)")
+def test_a_host_outside_the_allow_list_is_answered_403_json_as_4cat_expects(tmp_path: Path) -> None:
+    """4CAT tells its admin "no access" on a 403; a connection reset would read as the server being down.
+    The refusal is sent as the connection is accepted, and what the client sends is never kept."""
+    host, outsider = "10.231.8.1", "10.231.8.2"
+    with _namespace("dsmrefused", host, outsider):
+        server = Server(tmp_path, base_config(tmp_path, IP_WHITELIST=[f"{host}/32"]), host=host)
+        try:
+            server.start()
+            client = subprocess.run(["ip", "netns", "exec", "dsmrefused", sys.executable, "-c", REFUSED_CLIENT,
+                                     server.url, "10"], capture_output=True, text=True, timeout=300, check=True)
+            assert server.get("/jobs/").json()["jobs"] == []
+            assert not (tmp_path / "uploads" / "c").exists()
+        finally:
+            server.stop()
+    seen = json.loads(client.stdout)
+    assert len(seen) == 40
+    for answer in seen:
+        assert answer[:2] == [403, "application/json"], answer
+        assert answer[2]["status"] == "error" and answer[2]["reason"] == f"{outsider} may not use this server"
+    assert f"refused 1 connection(s) from hosts outside IP_WHITELIST, the latest from {outsider}" in server.log()
 
 
 def test_listing_jobs_with_large_details_holds_one_at_a_time(server: Server) -> None:

@@ -2,9 +2,9 @@
 
 uvicorn's httptools protocol buffers a request's headers without limit and waits for them without a
 deadline, and answers a request it cannot parse in plain text. The event loop here (asyncio's, see
-`uvicorn_settings` for why) closes a connection from a host that IP_WHITELIST refuses in the accept loop
-itself (a trusted proxy or loopback gets as far as the request, where the full access rule applies), and
-out of descriptors it pauses accepting and says so once. The protocol, per connection:
+`uvicorn_settings` for why) answers a host that IP_WHITELIST refuses with a 403 in the accept loop itself,
+before reading its request (a trusted proxy or loopback gets as far as the request, where the full access
+rule applies), and out of descriptors it pauses accepting and says so once. The protocol, per connection:
 - caps the bytes and the count of a request's head and trailers (431), and gives the head a deadline
   from its first byte (408); a head with several Host headers is refused (400);
 - caps the requests pipelined behind one not yet answered: a client that sends more is disconnected;
@@ -39,6 +39,9 @@ HEAD_SECONDS = 10.0  # from a request's first byte to the end of its headers
 BODY_IDLE_SECONDS = 30.0  # between two reads of a request's body
 MAX_PIPELINED = 32  # requests a client may send ahead of the answers (browsers send none)
 ACCEPT_PAUSE_SECONDS = 1.0  # out of descriptors: how long accepting waits before it tries again
+LINGER_SECONDS = 2.0  # how long a refused host's connection is read (and dropped) after its 403
+LINGER_BYTES = 64 * 1024  # and at most how much of what it sends
+MAX_LINGERING = 256  # refused connections lingering at once (at most an eighth of the open-file limit)
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Set by the app factory in each worker process, before the server accepts connections.
@@ -91,11 +94,14 @@ class GuardedEventLoop(asyncio.SelectorEventLoop):
 
     asyncio accepts up to `backlog` (here 4,096) connections per wake-up and lets their protocols see
     them only afterwards: a burst from a refused host could take every descriptor before one of its
-    connections was dropped. Here a refused peer is closed before the next accept. Out of descriptors,
-    asyncio logs a traceback for each of the wake-up's remaining tries (tens of MB a second); here
-    accepting pauses for a second, with one warning a minute."""
+    connections was dropped. Here a refused peer is answered 403 before the next accept, with no protocol,
+    task or buffer. Out of descriptors, asyncio logs a traceback for each of the wake-up's remaining tries
+    (tens of MB a second); here accepting pauses for a second, with one warning a minute."""
 
     _warned_at = 0.0
+    _refused_said_at = 0.0
+    _refused = 0  # connections refused since the log last said so
+    _lingering = 0
 
     def _accept_connection(self, protocol_factory: Any, sock: socket.socket, sslcontext: Any = None,
                            server: Any = None, backlog: int = 100, *timeouts: Any) -> None:
@@ -113,12 +119,62 @@ class GuardedEventLoop(asyncio.SelectorEventLoop):
                 return
             peer = address[0] if isinstance(address, tuple) else ""
             if _policy is not None and not _policy.may_connect(str(peer)):
-                conn.close()  # no buffer, no task, no descriptor held: refused before a byte is read
+                self._refuse(conn, str(peer))
                 continue
             conn.setblocking(False)
             accept = self._accept_connection2(  # type: ignore[attr-defined]
                 protocol_factory, conn, {"peername": address}, sslcontext, server, *timeouts)
             self.create_task(accept)
+
+    def _refuse(self, conn: socket.socket, peer: str) -> None:
+        """The original's answer to a host outside IP_WHITELIST, a 403 (4CAT tells its admin "no access"
+        on it), sent as soon as the connection is accepted, unasked: nothing of the request is parsed or
+        kept. The connection then lingers a moment, its input read and dropped, since closing a socket with
+        unread input resets the connection, and a reset can destroy the 403 before the client reads it.
+        Lingering connections are capped; past the cap (a flood) they close at once."""
+        self._refused += 1
+        if time.monotonic() - self._refused_said_at > 60:
+            self._refused_said_at = time.monotonic()
+            log.warning("refused %d connection(s) from hosts outside IP_WHITELIST, the latest from %s",
+                        self._refused, peer)
+            self._refused = 0
+        try:
+            conn.setblocking(False)
+            conn.send(_error(403, b"Forbidden", f"{peer} may not use this server"))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # gone already, or its buffer full (not a client waiting for an answer)
+            conn.close()
+            return
+        cap = min(MAX_LINGERING, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
+        if self._lingering >= cap:
+            conn.close()
+            return
+        self._lingering += 1
+        fd = conn.fileno()
+        left = LINGER_BYTES
+
+        def done() -> None:
+            if conn.fileno() == -1:
+                return
+            self._remove_reader(fd)  # type: ignore[attr-defined]
+            timer.cancel()
+            conn.close()
+            self._lingering -= 1
+
+        def drain() -> None:
+            nonlocal left
+            try:
+                data = conn.recv(min(left, 16 * 1024))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            left -= len(data)
+            if not data or left <= 0:
+                done()
+
+        timer = self.call_later(LINGER_SECONDS, done)
+        self._add_reader(fd, drain)  # type: ignore[attr-defined]
 
     def _pause_accepting(self, exc: OSError, protocol_factory: Any, sock: socket.socket, *rest: Any) -> None:
         if time.monotonic() - self._warned_at > 60:
