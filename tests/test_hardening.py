@@ -495,6 +495,33 @@ def test_a_refused_request_is_answered_and_the_connection_closed(make_server: Ca
     assert answered.count(b"HTTP/1.1 ") == 1 and answered[9:12] in (b"403", b"431"), answered[:200]
 
 
+def _half_closed(port: int, payload: bytes) -> bytes:
+    """Send a request and say that nothing more follows (shutdown for writing); all that comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):  # ends when the server closes; a hang fails on the timeout
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_a_request_sent_whole_before_a_half_close_is_answered_and_one_cut_short_is_not_run(server: Server) -> None:
+    body = b'{"args": ["--exit", "0"]}'
+    submit = (b"POST /api/fake_local HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body))
+    code, answer = _status_and_json(_half_closed(server.port, submit + body))
+    assert code == 202 and server.wait_final(answer["key"])["status"] == "complete"  # the job it heard of
+    code, answer = _status_and_json(_half_closed(server.port, b"GET /api/jobs/%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                 % answer["key"]))
+    assert code == 200 and answer["job"]["status"] == "complete"
+    assert _half_closed(server.port, b"GET /api/ HTTP/1.1\r\nHost: x\r\n\r\n" * 3).count(b"HTTP/1.1 200") == 3
+    before = server.get("/jobs/").json()["jobs"]
+    assert _half_closed(server.port, submit + body[:10]) == b""  # cut short: closed, and nothing stored
+    time.sleep(1)
+    assert server.get("/jobs/").json()["jobs"] == before
+
+
 def test_a_body_that_stops_arriving_is_cut_with_408_and_nothing_is_stored(server: Server) -> None:
     before = server.get("/jobs/").json()["jobs"]
     started = time.monotonic()

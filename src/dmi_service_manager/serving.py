@@ -10,7 +10,8 @@ rule applies), and out of descriptors it pauses accepting and says so once. The 
 - caps the requests pipelined behind one not yet answered: a client that sends more is disconnected;
 - cuts a body that stops arriving for BODY_IDLE_SECONDS (408), as nginx's client_body_timeout does; a slow
   body that keeps moving, or one the server itself has stopped reading, is never cut;
-- answers every request it cannot parse with the usual JSON error body.
+- answers every request it cannot parse with the usual JSON error body;
+- answers a request sent whole before the client half-closed the connection, then closes it.
 The process's descriptor limit is raised to its hard limit at start-up, and the limits are logged.
 """
 
@@ -314,6 +315,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # an answer is under way: a second one cannot follow it
         else:
             self._refuse(408, b"Request Timeout", f"the request's body sent nothing for {BODY_IDLE_SECONDS:g} s")
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio takes True: keep writing
+        """The client has sent all it will, and said so (a half-close: `nc -N`, some proxies). A request it
+        sent whole and not yet answered is still answered, and the connection closes after that answer;
+        asyncio would close it at once, and the request would run unanswered (a job stored that its client
+        never heard of). A request cut short, or one whose answer is already streaming (a log followed: a
+        client that has gone looks the same, and would hold its place), closes it now, and the app sees the
+        disconnect."""
+        last = self.cycle  # the latest request read (answered after any pipelined before it)
+        if last is None or last.more_body or last.response_started:
+            return None
+        last.keep_alive = False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._body_timer):
