@@ -18,8 +18,9 @@ DISABLED = {"reason": "GPU not enabled on this instance of DMI Service Manager"}
 
 
 def gpu_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    config = base_config(tmp_path, GPU_ENABLED=True, GPU_INVENTORY=[{"id": 0, "memory": "16GiB"},
-                                                                     {"id": 1, "memory": "24GiB"}])
+    """Two declared cards, handed to containers as NVIDIA_VISIBLE_DEVICES, which needs no GPU runtime here."""
+    config = base_config(tmp_path, GPU_ENABLED=True, GPU_DEVICE_MODE="environment",
+                         GPU_INVENTORY=[{"id": 0, "memory": "16GiB"}, {"id": 1, "memory": "24GiB"}])
     config["DOCKER_ENDPOINTS"].update({
         "whisper": {"image_name": BUSYBOX, "local": True, "command": "fake-service", "data_path": "/app/data",
                     "gpu_memory": "10GiB"},
@@ -55,6 +56,7 @@ def test_a_declared_inventory_gives_real_figures_for_the_best_card(make_server: 
     server = make_server(gpu_config(tmp_path))
     status, body = FourCat(server.url).check_gpu_memory("whisper")
     assert status == 200 and body["reason"] == "GPU available"
+    assert server.get("/api/gpus").json()["problem"] is None
     assert body["memory"]["gpu_total_mem"] == 24 * GIB
     assert body["memory"]["gpu_free_mem"] == 24 * GIB
     assert [card["id"] for card in body["memory"]["gpus"]] == ["0", "1"]
@@ -83,8 +85,13 @@ def test_without_nvml_or_a_gpu_runtime_the_check_says_why(make_server: Callable[
 
 def test_gpu_jobs_fail_with_the_reason_when_docker_has_no_gpu_runtime(make_server: Callable[..., Server],
                                                                        tmp_path: Path) -> None:
-    server = make_server(gpu_config(tmp_path))
+    server = make_server(gpu_config(tmp_path, GPU_DEVICE_MODE="device_requests"))  # as `--gpus` does
     assert "no GPU runtime" in server.log()  # the start-up warning
+    check = server.get("/api/check_gpu_mem/whisper")  # 4CAT asks first: no job of it could run here
+    assert check.status_code == 503 and check.json()["reason"].startswith("GPU not available: GPU_ENABLED is set")
+    assert "nvidia-container-toolkit" in check.json()["reason"]
+    overview = server.get("/api/gpus").json()  # the dashboard and `dsm gpus` say so beside the cards
+    assert "no GPU runtime" in overview["problem"] and len(overview["cards"]) == 2
     job = server.wait_final(server.submit("whisper_local", [])["key"])
     assert job["status"] == "error"
     assert "no GPU runtime" in json.loads(job["results"])["error"]
@@ -95,7 +102,7 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
     make_server: Callable[..., Server], tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
     # GPU_DEVICE_MODE environment: cards are named in NVIDIA_VISIBLE_DEVICES, so containers start here.
-    server = make_server(gpu_config(tmp_path, GPU_DEVICE_MODE="environment", MAX_CONCURRENT_JOBS=10))
+    server = make_server(gpu_config(tmp_path, MAX_CONCURRENT_JOBS=10))
     keys = [server.submit("whisper_local", ["--sleep", "5"])["key"] for _ in range(5)]
 
     def placement() -> dict[int, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import GPU_DISABLED_REASON, Config
-from ..errors import BadRequest, GpuUnavailable, NotFound
+from ..errors import BadRequest, GpuUnavailable, NotFound, RuntimeUnavailable
 from ..gpu.nvml import GpuInventory
 from ..runtime.base import Backend, LogStream
 from . import placement
@@ -215,7 +215,7 @@ class JobService:
         holding = [] if self.backend.places_gpus else [j for j in self.store.active() if j.holds_capacity]
         reserved = placement.reserved([placement.Holding.of(j) for j in holding],
                                       [placement.Card.of(c) for c in found])
-        return {"enabled": True, "source": source, "problem": None, "cards": [
+        return {"enabled": True, "source": source, "problem": self._gpu_runtime_problem(), "cards": [
             {"id": card.id, "name": card.name, "uuid": card.uuid, "total": card.total,
              "used": None if card.free is None else card.total - card.free, "reserved": reserved.get(card.id, 0),
              "jobs": [{"id": j.id, "service": j.service, "gpu_memory": j.gpu_memory}
@@ -268,6 +268,8 @@ class JobService:
             found, source = self.gpus.cards(config.docker_endpoints[service].image_name)
         except GpuUnavailable as exc:
             return GpuCheck("failed", exc.message)
+        if problem := self._gpu_runtime_problem():  # cards, but no way to hand them to a container
+            return GpuCheck("failed", problem)
         cards = [placement.Card.of(c) for c in found]
         jobs = self.store.active()
         # Where the engine places GPUs (Slurm), a job that fits a card waits there for one: no reservations here.
@@ -293,6 +295,12 @@ class JobService:
         if never:
             return GpuCheck("never_fits", f"GPU not available for {service}: {never}", memory)
         return GpuCheck("available", "GPU available", memory)
+
+    def _gpu_runtime_problem(self) -> str | None:
+        try:
+            return self.backend.gpu_problem()
+        except RuntimeUnavailable:
+            return None  # the engine is down: GPU jobs wait for it like any other, and the cards are answered
 
     def needs_poll_record(self, job: Job, now: float) -> bool:
         """Whether this poll should be written down (only the abandonment rule reads it, so most are not)."""
