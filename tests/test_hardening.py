@@ -94,6 +94,25 @@ def test_progress_that_cannot_be_applied_is_a_200_that_changes_nothing(server: S
     assert server.get("/jobs/").json()["jobs"] == before
 
 
+def test_names_that_are_not_utf8_are_refused_not_merged_into_one_collection(server: Server, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 became U+FFFD: `coll\\xe9` and `coll\\xff` named one collection `coll\ufffd`."""
+    for raw in (b"coll\xe9", b"coll\xff"):
+        answer = server.post("/api/send_files", data={"folder_name": raw}, files={"4cat_uploads": ("a.txt", b"a")})
+        assert_json_error(answer, 400)
+        assert "folder_name must be valid UTF-8" in answer.json()["reason"]
+    for query in ("folder_name=coll%ff", "folder_name=coll%E9"):
+        assert "valid UTF-8" in assert_json_error(requests.get(f"{server.url}/api/list_files?{query}", timeout=30),
+                                                  400)["reason"]
+    assert_json_error(requests.get(f"{server.url}/api/linecount/?folder=c%ff&file=a.txt", timeout=30), 400)
+    assert [p.name for p in (tmp_path / "uploads").iterdir() if p.name.startswith("coll")] == []
+    # A container's progress is a 200 whatever it holds (the protocol): the message keeps a U+FFFD.
+    key = server.submit("fake_local", ["--sleep", "30"])["key"]
+    server.wait_status(key, "running")
+    assert server.post(f"/status_update/?key={key}&status=running&message=caf%E9").status_code == 200
+    assert server.job(key)["message"] == "caf\ufffd"
+    server.delete(f"/api/jobs/{key}")
+
+
 def test_a_file_name_longer_than_the_file_system_takes_is_refused_alone(server: Server, tmp_path: Path) -> None:
     """As every refused file: a 200 whose `errors` names it, and the other files of the request are kept."""
     name = "a" * 300 + ".txt"

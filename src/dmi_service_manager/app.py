@@ -61,6 +61,18 @@ def path_problem(raw_path: bytes) -> str | None:
     return None
 
 
+def query_problem(query: bytes) -> str | None:
+    """Why no route may see this query string, or None: bytes that are not UTF-8 would reach it as U+FFFD
+    (`?folder_name=c%FF` and `?folder_name=c%FE` would name one collection)."""
+    if not query or (query.isascii() and b"%" not in query):
+        return None
+    try:
+        unquote_to_bytes(query).decode("utf-8")
+    except UnicodeDecodeError:
+        return "the query string must be valid UTF-8"
+    return None
+
+
 class AccessMiddleware:
     """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing; then a path that no
     route could read as sent is refused."""
@@ -90,6 +102,8 @@ class AccessMiddleware:
             await response(scope, receive, send)
             return
         problem = path_problem(scope.get("raw_path") or scope["path"].encode())
+        if problem is None and not scope["path"].startswith("/status_update"):  # a container's progress is a 200
+            problem = query_problem(scope["query_string"])  # whatever it holds (the protocol): a U+FFFD is kept
         if problem:
             await json_response(BadRequest(problem).body(), 400)(scope, receive, send)
             return

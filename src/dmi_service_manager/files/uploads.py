@@ -185,7 +185,8 @@ class UploadReceiver:
     def _on_part_end(self) -> None:
         part = self._part
         if part.filename is None:  # a field sent twice keeps its first value, as Flask's form.get() did
-            self.fields.setdefault(part.field_name, part.value.decode("utf-8", "replace"))
+            # Bytes that are not UTF-8 are kept apart (as surrogates), for the name checks to refuse them.
+            self.fields.setdefault(part.field_name, part.value.decode("utf-8", "surrogateescape"))
             return
         if part.staged is not None:
             part.writing = False
