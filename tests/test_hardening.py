@@ -75,6 +75,14 @@ def test_malformed_numbers_and_json_are_400_never_500(server: Server, method: st
     assert server.get("/jobs/").json()["jobs"] == before  # nothing was stored
 
 
+def test_a_number_too_large_is_called_too_large_not_malformed(server: Server) -> None:
+    for path in ("/api/jobs/1/logs?tail=99999999999999999999", "/jobs/?limit=99999999999999999999"):
+        message = assert_json_error(requests.get(server.url + path, timeout=30), 400)["message"]
+        assert f"at most {2**62}" in message and "ASCII" not in message, message
+    assert "must be a whole number" in assert_json_error(requests.get(server.url + "/jobs/?limit=1.0", timeout=30),
+                                                         400)["message"]
+
+
 @pytest.mark.parametrize("query", [
     "key=1&status=running&processed_records=inf",
     "key=1&status=running&processed_records=nan",

@@ -41,8 +41,11 @@ register_url_convertor("int", _PathId())  # before any router is built: each rou
 
 def _ascii_digits(value: Any) -> Any:
     """A query number as written: pydantic alone would take `1_000`, `1.0` or ` 1`."""
-    if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 19):
-        raise ValueError("must be a whole number written in ASCII digits")
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError("must be a whole number written in ASCII digits")
+        if len(value) > 19:  # int() of it is cheap, but no query number here may be that large
+            raise ValueError(f"must be at most {MAX_INT}")
     return value
 
 
@@ -52,9 +55,9 @@ QueryInt = Annotated[int, BeforeValidator(_ascii_digits)]
 def whole_number(text: str | None, field: str, *, low: int = 0, high: int = MAX_INT) -> int:
     """A whole number written in ASCII digits, between `low` and `high`; BadRequest naming the field if not."""
     value = (text or "").strip()
-    if not value.isascii() or not value.isdigit() or len(value) > 19:
+    if not value.isascii() or not value.isdigit():
         raise BadRequest(f"{field} must be a whole number, not {text!r}")
-    number = int(value)
+    number = int(value) if len(value) <= 19 else high + 1
     if not low <= number <= high:
         raise BadRequest(f"{field} must be between {low} and {high}")
     return number
