@@ -336,6 +336,17 @@ def test_forwarded_hosts_that_are_no_host_names_never_reach_the_result_url(make_
         assert result_url({"X-Forwarded-Host": host}).startswith(f"http://127.0.0.1:{server.port}/api/jobs/"), host
     assert result_url({"X-Forwarded-Host": "dsm.example.org:8443", "X-Forwarded-Proto": "HTTPS"}).startswith(
         "https://dsm.example.org:8443/api/jobs/")
+    # X-Forwarded-Port names the port the proxy was reached on; the scheme's own is left out; junk is ignored
+    for port, expected in (("8443", "https://h.example:8443/"), ("443", "https://h.example/"),
+                           ("99999", "https://h.example/"), ("x", "https://h.example/"), ("", "https://h.example/")):
+        url = result_url({"X-Forwarded-Host": "h.example", "X-Forwarded-Proto": "https", "X-Forwarded-Port": port})
+        assert url.startswith(expected + "api/jobs/"), (port, url)
+    assert result_url({"X-Forwarded-Host": "h.example:81", "X-Forwarded-Port": "82"}).startswith("http://h.example:82/")
+    assert result_url({"X-Forwarded-Host": "[::1]", "X-Forwarded-Port": "80"}).startswith("http://[::1]/")
+    untrusted = make_server(base_config(tmp_path / "other"))  # the same headers from an untrusted peer: ignored
+    answer = untrusted.post("/api/fake_local", json={"args": []}, headers={"X-Forwarded-Port": "8443"})
+    url = answer.json()["result_url"]
+    assert url.startswith(f"http://127.0.0.1:{untrusted.port}/api/jobs/")
 
 
 def test_a_target_in_absolute_form_names_the_host_as_rfc_9112_says(server: Server) -> None:

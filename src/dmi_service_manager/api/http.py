@@ -45,10 +45,12 @@ def base_url(request: Request) -> str:
         f"{request.scope['server'][0]}:{request.scope['server'][1]}" if request.scope.get("server") else "localhost"
     )
     prefix = request.scope.get("root_path", "")
+    port = None
     if request.scope.get(TRUSTED_PEER_KEY):
         scheme = _forwarded(request, "x-forwarded-proto") or scheme
         host = _forwarded(request, "x-forwarded-host") or host
         prefix = _forwarded(request, "x-forwarded-prefix") or prefix
+        port = _forwarded(request, "x-forwarded-port")
     scheme = scheme.lower()
     if scheme not in ("http", "https"):
         scheme = "http"
@@ -56,6 +58,11 @@ def base_url(request: Request) -> str:
     if not valid or (valid.group(1) and not 0 < int(valid.group(1)) <= 65535):
         server = request.scope.get("server") or ("localhost", 4000)
         host = f"{server[0]}:{server[1]}"
+    elif port and port.isascii() and port.isdigit() and 0 < int(port[:6]) <= 65535:
+        # The port the proxy was reached on (nginx's $server_port, Traefik): it replaces the host's, and the
+        # scheme's default is left out, as a browser writes it.
+        bare = host[:-len(valid.group(1)) - 1] if valid.group(1) else host
+        host = bare if int(port) == (443 if scheme == "https" else 80) else f"{bare}:{int(port)}"
     prefix = prefix.strip("/")
     safe = _PREFIX.fullmatch(f"/{prefix}") and not {".", ".."} & set(prefix.split("/"))
     prefix = f"/{prefix}" if prefix and safe else ""
