@@ -44,6 +44,19 @@ def test_the_progress_route_is_open_to_this_hosts_loopback_only() -> None:
     # A remote proxy that says its client was 127.0.0.1 speaks of its own host's loopback, not ours
     assert not policy.allows("127.0.0.1", "/status_update/", "192.168.5.5")
     assert not policy.allows("127.0.0.1", "/api/", "127.0.0.1")
+    # A trusted proxy on this host relayed it (X-Forwarded-For, however empty or unreadable): not a container
+    assert not policy.allows("127.0.0.1", "/status_update/", "127.0.0.1", forwarded=True)
+
+
+def test_progress_relayed_by_a_proxy_on_this_host_is_not_exempt(make_server: Callable[..., Server],
+                                                                tmp_path: Path) -> None:
+    """nginx on this host, trusted: what it relays comes from elsewhere, even when its X-Forwarded-For is
+    empty or unreadable (the caller would then be its own loopback address). A container sends none."""
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"], TRUSTED_PROXIES=["127.0.0.1"]))
+    progress = "/status_update/?key=424242&status=running"
+    assert server.post(progress).status_code == 200
+    for relayed in ("", "junk", "127.0.0.1", "203.0.113.9"):
+        assert server.post(progress, headers={"X-Forwarded-For": relayed}).status_code == 403, relayed
 
 
 def test_an_untrusted_peers_forwarded_for_is_not_read() -> None:

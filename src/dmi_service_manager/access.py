@@ -83,16 +83,20 @@ class AccessPolicy:
             current = previous
         return Caller(address=str(current))
 
-    def allows(self, address: str, path: str, peer: str | None = None, method: str = "POST") -> bool:
+    def allows(self, address: str, path: str, peer: str | None = None, method: str = "POST",
+               forwarded: bool = False) -> bool:
         """Whether the caller (`address`, after trusted proxies) may send `method` to `path`. The exemption
         is the progress route exactly (a POST), and needs both the caller and the TCP peer on loopback: a
-        proxy's own loopback is another host's."""
+        proxy's own loopback is another host's. Nor is a request `forwarded` (a trusted proxy sent it with
+        X-Forwarded-For) exempt: the proxy relayed it from elsewhere, and an empty or unreadable header
+        would leave the proxy's own loopback address as the caller; a container sends no such header."""
         if not self.whitelist:
             return True
         parsed = _address(address)
         if parsed is None:
             return False
-        if parsed.is_loopback and (method, path) in LOOPBACK_ROUTES and (peer is None or is_loopback(peer)):
+        if (parsed.is_loopback and (method, path) in LOOPBACK_ROUTES and (peer is None or is_loopback(peer))
+                and not forwarded):
             return True
         return any(parsed in net for net in self.whitelist)
 

@@ -89,12 +89,13 @@ class AccessMiddleware:
             # The original's result_url reads http://host:4000//api/jobs/1, and 4CAT polls exactly that.
             scope["path"] = "/" + scope["path"].lstrip("/")
             scope["raw_path"] = b"/" + scope.get("raw_path", b"").lstrip(b"/")
-        forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for")
+        hops = [v for k, v in scope["headers"] if k == b"x-forwarded-for"]
+        forwarded = b",".join(hops)
         peer = scope["client"][0] if scope.get("client") else None
         who = self.policy.caller(peer, forwarded.decode("latin-1") if forwarded else None)
         scope[CALLER_KEY] = who.address
-        scope[TRUSTED_PEER_KEY] = self.policy.peer_is_trusted(peer)
-        if not self.policy.allows(who.address, scope["path"], peer, scope["method"]):
+        scope[TRUSTED_PEER_KEY] = trusted = self.policy.peer_is_trusted(peer)
+        if not self.policy.allows(who.address, scope["path"], peer, scope["method"], forwarded=trusted and bool(hops)):
             log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
             response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
             # and hang up: what else it sends (a body, trailers, pipelined requests) is not read or kept
