@@ -121,6 +121,41 @@ def test_a_blank_folder_only_disables_that_mode_with_a_warning(tmp_path: Path) -
     assert any("4CAT_DATASETS_PATH is not set" in w for w in loaded.warnings)
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    ('IP_WHITELIST: ""', {"ip_whitelist": []}),  # the original's "anyone"
+    ("TRUSTED_PROXIES: '  '", {"trusted_proxies": []}),
+    ('4CAT_DATASETS_PATH: ""', {"fourcat_datasets_path": None}),  # not the config's own folder
+    ('DATABASE_FILE: ""', {"database_file": "dsm.db"}),  # the default, not the config's own folder
+    ('DMI_SM_SERVER: ""', {"dmi_sm_server": None}),
+    ('IP_WHITELIST: "10.0.0.1, 10.1.0.0/16 ::1"', {"ip_whitelist": ["10.0.0.1", "10.1.0.0/16", "::1"]}),
+    ("TRUSTED_PROXIES: 127.0.0.1", {"trusted_proxies": ["127.0.0.1"]}),  # the original tested `in` a string
+    ("ALLOWED_EXTENSIONS: png,.JPG", {"allowed_extensions": ["png", "jpg"]}),
+    ("SECRET_KEY: 12345", {"secret_key": "12345"}),  # a YAML number, read by nothing
+])
+def test_blank_and_string_values_an_original_config_may_hold_load(tmp_path: Path, line: str,
+                                                                   expected: dict[str, object]) -> None:
+    key = line.split(":")[0]
+    text = "\n".join(x for x in ORIGINAL_EXAMPLE.splitlines() if not x.startswith(key + ":") and
+                     not (key == "ALLOWED_EXTENSIONS" and x.startswith("  - ") and len(x) < 10)) + "\n" + line + "\n"
+    config = load_config(write(tmp_path, text), env={}).config
+    for name, value in expected.items():
+        got = getattr(config, name)
+        assert (got.name if name == "database_file" else got) == value, (name, got)
+
+
+@pytest.mark.parametrize("database", ["a-folder", "/proc/jobs.db", "not-sqlite.db"])
+def test_a_database_that_cannot_be_opened_is_a_config_error_not_a_crash_loop(tmp_path: Path, database: str) -> None:
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "not-sqlite.db").write_text("this is no database\n" * 100)
+    config = write(tmp_path, ORIGINAL_EXAMPLE.replace("DATABASE_FILE: database.db", f"DATABASE_FILE: {database}"))
+    for command in (["check-config", "--offline", str(config)], ["token", "list", "--config", str(config)],
+                    ["serve", "--config", str(config), "--port", "0"]):
+        done = dsm(*command)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert "config error: DATABASE_FILE: " in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "not-sqlite.db").read_text() == "this is no database\n" * 100
+
+
 def test_dsm_environment_variables_override_keys(tmp_path: Path) -> None:
     env = {"DSM_GPU_ENABLED": "true", "DSM_IP_WHITELIST": "[10.0.0.0/8, '::1']", "DSM_MAX_UPLOAD_BYTES": "2GiB"}
     loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE), env=env)

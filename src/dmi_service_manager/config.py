@@ -222,6 +222,20 @@ class Config(_Model):
     tes_http_timeout: float = Field(default=300, gt=0, alias="TES_HTTP_TIMEOUT")
     tes_default_timeout: float = Field(default=86400, gt=0, alias="TES_DEFAULT_TIMEOUT")
 
+    @field_validator("trusted_proxies", "ip_whitelist", "tes_http_allowed_networks", "allowed_extensions",
+                     "tes_allowed_images", mode="before")
+    @classmethod
+    def _list_in_a_string(cls, value: Any) -> Any:
+        """`IP_WHITELIST: "10.0.0.1, 10.0.0.2"`: the original tested `address in value`, so a string of
+        addresses worked there; none of these lists' items holds a comma or a space."""
+        return [item for item in re.split(r"[\s,]+", value) if item] if isinstance(value, str) else value
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _any_scalar(cls, value: Any) -> Any:
+        """Read by nothing here (the original's Flask sessions); `SECRET_KEY: 12345` must not refuse a start."""
+        return str(value) if isinstance(value, int | float) else value
+
     @field_validator("max_upload_bytes", "log_max_bytes", "tes_http_max_bytes", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
@@ -316,10 +330,16 @@ def _suggest(key: str, known: set[str]) -> str:
 
 
 def _drop_blanks(value: Any) -> Any:
-    """A blank YAML value means 'unset', as in the original's example file."""
+    """A blank YAML value means 'unset', as in the original's example file; at the top level an empty
+    string does too (`IP_WHITELIST: ""` was the original's "anyone", `4CAT_DATASETS_PATH: ""` its "not
+    here"). Deeper down an empty string is a value (a service's environment variable set to nothing)."""
     if isinstance(value, dict):
         return {k: _drop_blanks(v) for k, v in value.items() if v is not None}
     return value
+
+
+def _drop_top_level_blanks(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in _drop_blanks(data).items() if not (isinstance(v, str) and not v.strip())}
 
 
 def _env_overrides(env: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
@@ -468,7 +488,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
 
     warnings = _unknown_key_warnings(data)
     data.update(_env_overrides(env, warnings))
-    data = _drop_blanks(data)
+    data = _drop_top_level_blanks(data)
     data.setdefault("DATABASE_FILE", "dsm.db")
     _resolve_paths(data, Path.cwd() if embedded else path.resolve().parent)
     try:

@@ -22,10 +22,17 @@ CONFIG_HELP = "config.yml (default: ./config.yml, else the embedded default)"
 
 
 def _load(path: str | None) -> Any:
+    """The config, with a database this process could open: a refusal is one line and exit 2."""
+    from ..jobs.store import open_problem
+
     try:
-        return load_config(Path(path) if path else None)
+        loaded = load_config(Path(path) if path else None)
     except ConfigError as exc:
         raise CliError(f"config error: {exc.message}", USAGE) from None
+    problem = open_problem(Path(loaded.config.database_file))
+    if problem:
+        raise CliError(f"config error: DATABASE_FILE: {problem}", USAGE)
+    return loaded
 
 
 def default_workers() -> int:

@@ -8,9 +8,12 @@ A PostgreSQL store would implement the same public methods.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import pathname2url
 
 from .model import Failure, Job, JobStatus, Kind, error_results, sources_of
 
@@ -131,6 +135,29 @@ _LISTED_COLUMNS = "id, created_at, jobtype, completed_at, status, message, proce
     " task_id"
 BUSY_MS = 30_000  # how long a write waits for another process's
 MIGRATION_WAIT_MS = 3_600_000
+
+
+def open_problem(path: Path) -> str | None:
+    """Why a database at `path` could not be used, or None. Changes nothing (no file is created, no
+    migration run), so that a check of a config never alters the database an original server still uses;
+    a server that found out only in its workers would restart them without end."""
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a file"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{path} cannot be read and written by this user"
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{pathname2url(str(path))}?mode=ro", uri=True)) as db:
+                db.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            return f"{path} cannot be read as an SQLite database: {exc}"
+        return None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".dsm-probe-"):
+            pass
+    except OSError as exc:
+        return f"{path} cannot be created: {exc.strerror or exc}"
+    return None
 
 
 class Store:
