@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import sqlite3
@@ -558,6 +559,42 @@ def test_a_request_sent_whole_before_a_half_close_is_answered_and_one_cut_short_
     assert _half_closed(server.port, submit + body[:10]) == b""  # cut short: closed, and nothing stored
     time.sleep(1)
     assert server.get("/jobs/").json()["jobs"] == before
+
+
+def test_an_upload_still_arriving_when_the_server_stops_gets_a_json_503_and_leaves_nothing(server: Server,
+                                                                                           tmp_path: Path) -> None:
+    """The stop waits 5 s for requests under way, then cancels them: uvicorn answered those with a plain-text
+    500 and logged a traceback for each."""
+    assert server.process is not None
+    boundary = b"b0undary"
+    head = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="folder_name"\r\n\r\nstopped\r\n--'
+            + boundary + b'\r\nContent-Disposition: form-data; name="4cat_uploads"; filename="a.txt"\r\n\r\n')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /api/send_files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary="
+                     + boundary + b"\r\nContent-Length: 10000000\r\n\r\n" + head)
+        stopping = threading.Thread(target=server.stop)
+        answer = b""
+        for second in range(15):  # a body that keeps moving, past the stop's 5 s of grace; read as curl does
+            try:
+                sock.sendall(b"x" * 1000)
+            except OSError:
+                break  # answered and closed
+            if second == 1:
+                stopping.start()
+            if select.select([sock], [], [], 1.0)[0]:
+                try:
+                    answer += sock.recv(65536)
+                except ConnectionResetError:  # the rest of the body reached a closed socket
+                    break
+                if answer.endswith(b"}"):
+                    break
+    stopping.join()
+    code, body = _status_and_json(answer)
+    assert code == 503 and "send the request again" in body["reason"]
+    assert not (tmp_path / "uploads" / "stopped").exists() or not any((tmp_path / "uploads" / "stopped").rglob("*.txt"))
+    log = server.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert "POST /api/send_files was still running when the server stopped; answered 503" in log
 
 
 def test_a_body_that_stops_arriving_is_cut_with_408_and_nothing_is_stored(server: Server) -> None:

@@ -24,13 +24,16 @@ import logging
 import resource
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .access import AccessPolicy
 from .errors import AnswerCut
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ def raise_descriptor_limit() -> tuple[int, int]:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
     return soft, hard
+
+
+_STOPPED = "the server stopped before it could answer; send the request again"
+_STOPPING = json.dumps({"status": "error", "message": _STOPPED, "reason": _STOPPED}).encode()
 
 
 def _error(status: int, reason: bytes, message: str) -> bytes:
@@ -328,6 +335,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return None
         last.keep_alive = False
         return True
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        async def answered(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when the graceful stop's time is up, and answered those
+                # requests with a plain-text 500 (and a traceback in the log): what an upload in flight got.
+                log.warning("%s %s was still running when the server stopped; %s", scope.get("method"),
+                            scope.get("path"), "the connection was closed" if cycle.response_started else
+                            "answered 503")
+                if cycle.response_started:  # a second answer cannot follow the first: hang up
+                    cycle.transport.close()
+                    cycle.disconnected = True
+                else:
+                    await send({"type": "http.response.start", "status": 503, "headers": [
+                        (b"content-type", b"application/json"), (b"connection", b"close"),
+                        (b"content-length", b"%d" % len(_STOPPING))]})
+                    await send({"type": "http.response.body", "body": _STOPPING})
+
+        super()._start_asgi_task(cycle, answered)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._body_timer):
