@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -223,6 +224,26 @@ def test_cancel_a_queued_task_and_a_running_one(make_tes: Callable[..., Tes],
     assert env.api.state(queued) == "CANCELED"
     created = container_events(docker_client, env.server.instance, since, ("create",))
     assert len({event["Actor"]["Attributes"][JOB_LABEL] for event in created}) == 1  # only the running task's
+
+
+def test_an_admin_cancels_a_task_by_its_job_id_through_the_api_and_dsm_cancel(shared: Tes) -> None:
+    """`dsm jobs` and the dashboard list TES tasks by job id: an admin stops a runaway one there."""
+    by_api, by_cli = shared.api.create(sleep_task(60)), shared.api.create(sleep_task(60))
+    jobs = {j["task_id"]: j["id"] for j in shared.server.get("/jobs/?kind=tes&current=1").json()["jobs"]}
+    for task_id in (by_api, by_cli):
+        shared.api.wait(task_id, {"RUNNING"}, 30)
+    refused = shared.server.delete(f"/api/jobs/{jobs[by_api]}",
+                                   headers={"Authorization": f"Bearer {shared.server.token('submit')}"})
+    assert refused.status_code == 403 and shared.api.state(by_api) == "RUNNING"
+    answer = shared.server.delete(f"/api/jobs/{jobs[by_api]}")  # an admin's token
+    assert answer.status_code == 202 and answer.json()["job"]["task_id"] == by_api
+    assert shared.api.wait(by_api, timeout=30)["state"] == "CANCELED"
+    done = subprocess.run([str(Path(sys.executable).parent / "dsm"), "cancel", str(jobs[by_cli]), "--wait",
+                           "--server", shared.server.url, "--token", shared.server.token("admin")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"job {jobs[by_cli]} (TES task {by_cli}): it ended CANCELED"
+    assert shared.api.state(by_cli) == "CANCELED"
 
 
 def test_gpu_tasks_wait_for_the_one_declared_card(make_tes: Callable[..., Tes],

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..jobs.model import JobStatus, Kind
+from ..tes.states import FINAL as TES_FINAL
 from . import render, transfer
 from .client import DEFAULT_SERVER, Client, decode
 from .exits import FAILED, CliError
@@ -63,6 +64,15 @@ def _wait(client: Client, job_id: int) -> dict[str, Any]:
             progress.update(task, status=job["status"], message=message,
                             records="" if records is None else f"{records} records")
             time.sleep(POLL_SECONDS)
+
+
+def _wait_task(client: Client, task_id: str) -> str:
+    """A TES task's state once it is final (its job is not read through 4CAT's routes)."""
+    while True:
+        state = str(client.get_json(f"/ga4gh/tes/v1/tasks/{task_id}").get("state"))
+        if state in TES_FINAL:
+            return state
+        time.sleep(POLL_SECONDS)
 
 
 def _show_job(job: dict[str, Any]) -> None:
@@ -193,6 +203,14 @@ def cancel(job_id: int, wait: bool, server: str, token: str | None, as_json: boo
     response = client.request("DELETE", f"/api/jobs/{job_id}", params={"by": "dsm cancel"})
     answer = decode(response)
     found = answer.get("job") or {}
+    if found.get("kind") == Kind.TES.value:  # read through the TES API, with the same token
+        task = f"job {job_id} (TES task {found.get('task_id')})"
+        state = _wait_task(client, str(found.get("task_id"))) if wait else None
+        if as_json:
+            render.print_json({**answer, "state": state} if state else answer)
+        else:
+            print(f"{task}: it ended {state}" if state else f"{task}: asked to stop; it ends shortly")
+        return 0
     if wait and found.get("status") not in FINAL:
         found = _wait(client, job_id)
         answer = {"status": "success", "job": found}

@@ -160,8 +160,8 @@ class JobService:
         if job is None:
             raise NotFound(f"Job {job_id} not found")
         if kind is not None and job.kind is not kind:
-            raise NotFound(f"Job {job_id} is a TES task ({job.task_id}); it is read and cancelled through"
-                           f" /ga4gh/tes/v1/tasks/{job.task_id}")
+            raise NotFound(f"Job {job_id} is a TES task ({job.task_id}); it is read through"
+                           f" /ga4gh/tes/v1/tasks/{job.task_id} (an admin may cancel it here, or with dsm cancel)")
         return job
 
     def list_jobs(self, *, current: bool = False, limit: int | None = None, offset: int = 0,
@@ -323,7 +323,8 @@ class JobService:
         if not self.store.update_progress(job_id, message, processed) and self.store.get(job_id) is None:
             raise NotFound(f"Job {job_id} not found")
 
-    def cancel(self, job_id: int, who: str, *, kind: Kind = Kind.FOURCAT) -> Job:
+    def cancel(self, job_id: int, who: str, *, kind: Kind | None = Kind.FOURCAT) -> Job:
+        """Cancel a job of `kind` (None: any, as an admin may)."""
         job = self.get(job_id, kind=kind)
         if job.status.final:
             return job

@@ -500,9 +500,8 @@
     if (redraw) render();
   }
 
-  // A TES task is cancelled and read through the TES API, with its client's token, not here.
+  // A TES task is read through the TES API, with its client's token; an admin may cancel it here too.
   function cancelButtons(job) {
-    if (job.kind === "tes") return [];
     return confirmButtons("job:" + job.id, "Cancel", "Cancel now", `job ${job.id}`, () => cancelJob(job.id));
   }
 
