@@ -759,13 +759,18 @@ def test_an_http_input_over_the_size_limit_fails_the_task(make_tes: Callable[...
     assert files_holding(env.work, "b" * 2000) == [] and files_holding(env.work, "u" * 2000) == []
 
 
-def test_an_unsupported_url_scheme_is_a_system_error_naming_it(shared: Tes) -> None:
-    task_id = shared.api.create({"inputs": [{"url": "s3://bucket/x", "path": "/in/x"}],
-                                 "executors": [executor("cat", "/in/x")]})
-    task = shared.api.wait(task_id)
-    assert task["state"] == "SYSTEM_ERROR"
-    assert "s3" in system_logs(task)
-    assert executor_logs(task) == []  # no executor runs without its inputs
+def test_a_url_scheme_this_server_cannot_serve_is_refused_naming_the_field(shared: Tes) -> None:
+    """Refused when the task is sent, not after its executors have run (an output) or queued (an input)."""
+    before = shared.api.ids()
+    for field, task in (
+        ("inputs[0].url", {"inputs": [{"url": "s3://bucket/x", "path": "/in/x"}]}),
+        ("outputs[0].url", {"outputs": [{"url": "http://127.0.0.1:9/r.txt", "path": "/out/r.txt"}]}),
+        ("outputs[0].url", {"outputs": [{"url": "gs://bucket/r.txt", "path": "/out/r.txt"}]}),
+    ):
+        refused = assert_error(shared.api.call("POST", "/tasks", json={**task, "executors": [executor("true")]}),
+                               400, field)
+        assert "://" in refused["message"], refused
+    assert shared.api.ids() == before
 
 
 def test_a_task_past_its_timeout_is_a_system_error_and_its_container_goes(

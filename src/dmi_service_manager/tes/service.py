@@ -78,9 +78,12 @@ class TesService:
                 self._check_input(index, item.url, item.type)
         for index, output in enumerate(task.outputs):
             check_syntax(output.url, f"outputs[{index}].url")
-            if scheme_of(output.url) == "file":
-                directory = output.type == "DIRECTORY" or has_wildcard(output.path)
-                self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, f"outputs[{index}].url")
+            if scheme_of(output.url) != "file":  # refused now, not after the executors have run
+                field = f"outputs[{index}].url"
+                raise BadRequest(f"{field}: this server cannot store outputs at {scheme_of(output.url)}:// URLs;"
+                                 " it stores them at file:// URLs below TES_FILE_ROOTS", extra={"field": field})
+            directory = output.type == "DIRECTORY" or has_wildcard(output.path)
+            self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, f"outputs[{index}].url")
         parameters, notes = self._backend_parameters(task)
         resources = task.resources
         if resources is not None and resources.cpu_cores:
@@ -136,7 +139,9 @@ class TesService:
                 raise BadRequest(f"{field}: a DIRECTORY input cannot come from an {scheme}:// URL",
                                  extra={"field": field})
             self.http.check_url(url, field)
-        # Other schemes (s3://, gs://, ...) are accepted; the task ends SYSTEM_ERROR naming the scheme.
+        else:  # s3://, gs://, ...: no task of it could run here
+            raise BadRequest(f"{field}: this server cannot fetch {scheme}:// URLs; it takes file:// URLs below"
+                             " TES_FILE_ROOTS, http(s):// and content", extra={"field": field})
 
     def _backend_parameters(self, task: Task) -> tuple[dict[str, str], list[str]]:
         """The keys this server honours, checked; the others refused when strict, else noted and dropped."""
