@@ -40,11 +40,14 @@ def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code
     server.kill()
     container = containers_of(docker_client, server.instance, key)[0]
     wait_until(lambda: container.reload() or container.status == "exited", 20)
+    exited_at = time.time()
+    time.sleep(3)  # down a while longer
     server.start()
     job = server.wait_final(key, 30)
     results = json.loads(job["results"])
     assert job["status"] == "error" and results["returncode"] == 7
     assert "failed while you were away" in results["error"]
+    assert job["completed_at"] <= exited_at + 1  # when it ended, not when the server came back to see it
     wait_until(lambda: containers_of(docker_client, server.instance, key) == [], 10, what="the container removed")
 
 

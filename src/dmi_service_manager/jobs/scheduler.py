@@ -395,19 +395,20 @@ class Scheduler:
                 if following is not None and not following.status.final:
                     self._launch(following, list(job.gpu_ids))
                 return
+        ended_at = max(state.finished_at, job.started_at or 0) if state.finished_at else None  # not the adoption's
         if job.stop_reason:
             # Stopped by us (timeout, cancel): the job says so only once its container is gone.
             self.backend.remove(container_id)
-            self._end(job, result)
+            self._end(job, result, completed_at=ended_at)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
-            self._end(job, result)
+            self._end(job, result, completed_at=ended_at)
             self.backend.remove(container_id)
         log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
 
-    def _end(self, job: Job, ended: Ended, message: str | None = None) -> None:
+    def _end(self, job: Job, ended: Ended, message: str | None = None, completed_at: float | None = None) -> None:
         if self.store.finish(job.id, ended.status, ended.results, failure=ended.failure, message=message,
-                             task_log=ended.task_log) and self.on_final is not None:
+                             task_log=ended.task_log, completed_at=completed_at) and self.on_final is not None:
             try:
                 self.on_final(job.id)
             except Exception:

@@ -474,10 +474,14 @@ class Store:
 
     def finish(self, job_id: int, status: JobStatus, results: dict[str, Any], *, failure: Failure | None = None,
                message: str | None = None, only_if_waiting: bool = False,
-               task_log: dict[str, Any] | None = None) -> bool:
-        """Final status and results in one transaction (a final job with null results crashes 4CAT)."""
+               task_log: dict[str, Any] | None = None, completed_at: float | None = None) -> bool:
+        """Final status and results in one transaction (a final job with null results crashes 4CAT).
+        `completed_at`: when it ended, where that was before now (a container that exited while the server
+        was down); else now."""
         assert status.final
         columns: dict[str, Any] = {"results": results, "failure": failure.value if failure else None}
+        if completed_at is not None:
+            columns["completed_at"] = int(min(completed_at, time.time()))
         if message is not None:
             columns["message"] = message
         if task_log is not None:
