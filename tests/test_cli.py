@@ -239,6 +239,9 @@ def test_logs_follow_prints_what_the_container_prints_and_ends_with_the_job(serv
     assert server.job(key)["status"] == "complete"  # it ended because the job did
     tail = dsm("logs", "--tail", "1", "--server", server.url, str(key))
     assert tail.returncode == 0 and "a line from the container" not in tail.stdout and "args ok" in tail.stdout
+    both = server.submit("fake_local", ["--stdout", "out", "--stderr", "err"])["key"]
+    server.wait_final(both)
+    assert dsm("logs", "--server", server.url, str(both)).stdout.endswith("server=\nerr\n")  # no blank line between
 
 
 def test_cancel_needs_an_admin_token(server: Server) -> None:

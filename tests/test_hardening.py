@@ -42,6 +42,7 @@ def assert_json_error(response: requests.Response, status: int) -> dict[str, Any
     ("GET", "/jobs/?limit=99999999999999999999999", None),
     ("GET", "/api/jobs/?limit=1&offset=99999999999999999999999", None),
     ("GET", "/jobs/?limit=-1", None),
+    ("GET", "/jobs/?order=sideways&limit=2", None),
     ("GET", "/api/jobs/1/logs?tail=%C2%B2", None),
     ("GET", "/api/jobs/1/logs?tail=99999999999999999999999", None),
     ("GET", "/api/jobs/details_query/", '{"details_key":"$.request_json.x","details_value":99999999999999999999999}'),

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Query
@@ -135,7 +135,7 @@ def router(jobs: JobService) -> APIRouter:
     async def list_jobs(request: Request, current: str | None = None,
                         limit: Annotated[params.QueryInt | None, Query(ge=0, le=params.MAX_INT)] = None,
                         offset: Annotated[params.QueryInt, Query(ge=0, le=params.MAX_INT)] = 0,
-                        order: str | None = None,
+                        order: Literal["asc", "desc"] | None = None,
                         status: JobStatus | None = None, service: str | None = None,
                         dataset_key: str | None = None, kind: Kind | None = None) -> Response:
         """Every job (4CAT's and TES tasks, each labelled), oldest first; `current=1`: not yet complete;

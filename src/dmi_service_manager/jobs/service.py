@@ -352,7 +352,8 @@ def _error_line(job: Job) -> str:
 def _stored_output(results: dict[str, object] | None, tail: int | None) -> str:
     if not results:
         return ""
-    text = "\n".join(str(results.get(key) or "") for key in ("report", "error") if results.get(key))
+    text = "".join(part if part.endswith("\n") else part + "\n"  # stdout, then stderr, as the live log shows them
+                   for part in (str(results.get(key) or "") for key in ("report", "error")) if part)
     if tail is not None:
         text = "\n".join(text.splitlines()[-tail:]) if tail else ""
     return text + ("\n" if text and not text.endswith("\n") else "")
