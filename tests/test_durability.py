@@ -29,6 +29,19 @@ def test_a_job_survives_a_server_kill_and_is_adopted(make_server: Callable[..., 
     job = server.wait_final(key, 30)
     assert job["status"] == "complete"
     assert "adopted" in json.loads(job["results"])["report"]
+    assert f"adopting 1 job(s) that were starting or running before this start ({key})" in server.log()
+
+
+def test_a_stop_leaves_running_containers_to_the_next_start_and_says_so(make_server: Callable[..., Server]) -> None:
+    server = make_server()
+    key = server.submit("fake_local", ["--sleep", "4", "--exit", "0"])["key"]
+    server.wait_status(key, "running")
+    server.stop()  # SIGTERM, as systemd stops it
+    assert f"stopping: the containers of 1 running job(s) ({key}) keep running; the next start adopts them" \
+        in server.log()
+    server.start()
+    assert server.wait_final(key, 30)["status"] == "complete"
+    assert f"adopting 1 job(s) that were starting or running before this start ({key})" in server.log()
 
 
 def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code(

@@ -10,6 +10,7 @@ tie containers to jobs, and a container's deterministic name stops a step from e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -101,6 +102,11 @@ class Scheduler:
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
+        with contextlib.suppress(Exception):  # a log line only: the store may be what failed
+            running = [j.id for j in self.store.active() if j.holds_capacity]
+            if running:
+                log.info("stopping: the containers of %d running job(s) (%s) keep running; the next start adopts"
+                         " them", len(running), ", ".join(map(str, running[:20])))
         self._stop.set()
         self._wake.set()
         if self._events is not None:
@@ -134,11 +140,14 @@ class Scheduler:
     def tick(self) -> None:
         now = time.time()
         jobs = self.store.active()
+        holding = [j for j in jobs if j.holds_capacity]
         if not self._flags.swept:  # the first pass after a start: what ended jobs left before a crash
             self._flags.swept = True
             for workload in self.workloads.values():
                 self._quietly(workload.sweep, {j.id for j in jobs})
-        holding = [j for j in jobs if j.holds_capacity]
+            if holding:
+                log.info("adopting %d job(s) that were starting or running before this start (%s)", len(holding),
+                         ", ".join(str(j.id) for j in holding[:20]))
         waiting = [j for j in jobs if not j.holds_capacity]
         due = self._flags.reconcile_due or now - self._flags.last_reconcile > RECONCILE_SECONDS
         if due and self.engine_reachable:
