@@ -223,6 +223,8 @@ def test_job_shows_the_results_and_submit_waits_with_an_exit_code(server: Server
     assert failed.returncode == 1, failed.stderr
     job = json.loads(failed.stdout)["job"]
     assert job["status"] == "error" and json.loads(job["results"])["returncode"] == 2
+    zero = dsm("submit", "--server", server.url, "--timeout", "0", "fake_local")  # the server's to refuse
+    assert zero.returncode == 6 and "timeout must be a positive number" in zero.stderr, zero.stderr
     shown = dsm("job", "--server", server.url, str(job["id"]))
     assert shown.returncode == 0, shown.stderr
     assert "error" in shown.stdout and "broken" in shown.stdout
@@ -333,6 +335,8 @@ def test_token_commands_run_on_the_servers_config(server: Server) -> None:
     assert dsm("token", "revoke", "--name", "ci-bot", "--config", str(server.config_path)).returncode == 0
     assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
     assert dsm("token", "create", "--config", str(server.config_path)).returncode == 2
+    twice = dsm("token", "create", "one", "--name", "another", "--config", str(server.config_path))
+    assert twice.returncode == 2 and "two names given" in twice.stderr  # neither is made
     assert f"tokens in {server.config['DATABASE_FILE']}" in listed.stderr and "new database" not in listed.stderr
 
 

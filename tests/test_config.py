@@ -143,6 +143,15 @@ def test_blank_and_string_values_an_original_config_may_hold_load(tmp_path: Path
         assert (got.name if name == "database_file" else got) == value, (name, got)
 
 
+def test_settings_that_cannot_work_are_named(tmp_path: Path) -> None:
+    loaded = load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace("http://localhost:4000", "localhost:4000/")), env={})
+    assert any("DMI_SM_SERVER 'localhost:4000/' is not an http:// or https:// URL" in w for w in loaded.warnings)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=f"UPLOAD_FOLDER_PATH: {tmp_path / 'a-file'} is not a folder"):
+        load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace("UPLOAD_FOLDER_PATH: {uploads}",
+                                                             f"UPLOAD_FOLDER_PATH: {tmp_path / 'a-file'}")), env={})
+
+
 @pytest.mark.parametrize("database", ["a-folder", "/proc/jobs.db", "not-sqlite.db"])
 def test_a_database_that_cannot_be_opened_is_a_config_error_not_a_crash_loop(tmp_path: Path, database: str) -> None:
     (tmp_path / "a-folder").mkdir()
@@ -163,6 +172,9 @@ def test_dsm_environment_variables_override_keys(tmp_path: Path) -> None:
     assert loaded.config.ip_whitelist == ["10.0.0.0/8", "::1"]
     assert loaded.config.max_upload_bytes == 2 * 1024**3
     assert env_warnings(loaded) == []
+    assert loaded.source.endswith("with DSM_GPU_ENABLED, DSM_IP_WHITELIST, DSM_MAX_UPLOAD_BYTES from the environment")
+    with pytest.raises(ConfigError, match=r"IP_WHITELIST \(set by DSM_IP_WHITELIST\): 'x' is not an IP address"):
+        load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={"DSM_IP_WHITELIST": "[x]"})  # the file is not at fault
 
 
 def env_warnings(loaded: LoadedConfig) -> list[str]:

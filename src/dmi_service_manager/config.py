@@ -389,10 +389,13 @@ def _unknown_key_warnings(data: dict[str, Any]) -> list[str]:
     return warnings
 
 
-def _format_validation(exc: ValidationError) -> str:
+def _format_validation(exc: ValidationError, from_env: Mapping[str, Any] | None = None) -> str:
+    """One line per problem, named by key; a key set by a DSM_ variable says so (the file may be right)."""
     lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "config"
+        if error["loc"] and str(error["loc"][0]) in (from_env or {}):
+            location += f" (set by {ENV_PREFIX}{error['loc'][0]})"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             message = "required key is missing"
@@ -431,7 +434,8 @@ def _check_folders(config: Config, create: bool) -> list[str]:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
         if not folder.is_dir() and (users or mode == "remote"):
-            raise ConfigError(f"{key}: the folder {folder} does not exist")
+            raise ConfigError(f"{key}: {folder} is not a folder" if folder.exists() else
+                              f"{key}: the folder {folder} does not exist")
     for name, service in config.docker_endpoints.items():
         if not service.local and not service.remote:
             warnings.append(f"DOCKER_ENDPOINTS.{name}: neither local nor remote is enabled, so it has no endpoint")
@@ -439,6 +443,10 @@ def _check_folders(config: Config, create: bool) -> list[str]:
             host = volume.split(":")[0]
             if not Path(host).exists():
                 warnings.append(f"DOCKER_ENDPOINTS.{name}.volumes: {host} does not exist on this host")
+    if config.dmi_sm_server is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", config.dmi_sm_server):
+        # a warning: the original read it only to hand it to containers, so a config may carry an unused one
+        warnings.append(f"DMI_SM_SERVER {config.dmi_sm_server!r} is not an http:// or https:// URL (such as"
+                        " http://localhost:4000): containers cannot post their progress to it")
     if config.gpu_inventory is not None and not config.gpu_enabled:
         warnings.append("GPU_INVENTORY is set but GPU_ENABLED is not, so it is not used")
     if config.backend == "slurm":
@@ -487,14 +495,17 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
 
     warnings = _unknown_key_warnings(data)
-    data.update(_env_overrides(env, warnings))
+    overrides = _env_overrides(env, warnings)
+    data.update(overrides)
     data = _drop_top_level_blanks(data)
     data.setdefault("DATABASE_FILE", "dsm.db")
     _resolve_paths(data, Path.cwd() if embedded else path.resolve().parent)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc)) from None
+        raise ConfigError(_format_validation(exc, overrides)) from None
     warnings += _check_folders(config, create=embedded)
     source = "embedded default configuration" if embedded else str(path)
+    if overrides:
+        source += ", with " + ", ".join(ENV_PREFIX + key for key in sorted(overrides)) + " from the environment"
     return LoadedConfig(config=config, warnings=warnings, source=source)

@@ -101,7 +101,7 @@ def submit(endpoint: str, args: tuple[str, ...], timeout: float | None, pass_key
     client = Client(server, token)
     arguments = list(args[1:] if args[:1] == ("--",) else args)
     body: dict[str, Any] = {"args": arguments}
-    if timeout:
+    if timeout is not None:  # 0 or less is the server's to refuse (a 400), not to drop in silence
         body["timeout"] = timeout
     if pass_key:
         body["pass_key"] = True

@@ -131,6 +131,8 @@ def _tokens(config: str | None) -> Any:
 
 
 def _name(positional: str | None, option: str | None, action: str) -> str:
+    if positional and option and positional != option:
+        raise click.UsageError(f"dsm token {action}: two names given ({positional!r} and --name {option!r})")
     name = option or positional
     if not name:
         raise click.UsageError(f"dsm token {action} needs a name (--name NAME)")
