@@ -124,7 +124,8 @@ def submit(endpoint: str, args: tuple[str, ...], timeout: float | None, pass_key
 
 
 @click.command()
-@click.option("--current", is_flag=True, help="only jobs not yet complete")
+@click.option("--current", is_flag=True,
+              help="only jobs whose status is not complete (as the original: failed ones too; --status narrows)")
 @click.option("--status", type=click.Choice([s.value for s in JobStatus]), help="only jobs with this status")
 @click.option("--service", help="only jobs of this service (e.g. ocr)")
 @click.option("--dataset-key", help="only the jobs 4CAT submitted for this dataset")
