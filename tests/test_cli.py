@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from dmi_service_manager.cli.transfer import _bad_component, _server_parts
-from support import Server, base_config, free_port
+from support import Server, base_config, free_port, wait_until
 
 DSM = Path(sys.executable).parent / "dsm"
 
@@ -308,6 +309,24 @@ def test_an_unreachable_server_is_one_line_naming_it(tmp_path: Path) -> None:
     env_line = one_line_error(subprocess.run([str(DSM), "gpus"], capture_output=True, text=True, timeout=60,
                                              env={**os.environ, "DSM_SERVER": url}), 3)
     assert url in env_line
+
+
+def test_a_server_url_that_can_never_work_is_a_usage_error_not_an_unreachable_server() -> None:
+    for url in ("http://127.0.0.1:99999", "http://127.0.0.1:0", "http://[::1", "ftp://127.0.0.1"):
+        assert "Traceback" not in one_line_error(dsm("jobs", "--server", url), 2)
+
+
+def test_interrupting_submit_wait_says_the_job_goes_on(server: Server) -> None:
+    waiting = subprocess.Popen([str(DSM), "submit", "fake_local", "--wait", "--server", server.url, "--",
+                                "--sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    key = wait_until(lambda: next((j["id"] for j in server.get("/jobs/?status=running").json()["jobs"]), None),
+                     30, what="the job to run")
+    waiting.send_signal(signal.SIGINT)
+    _, stderr = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130, stderr
+    assert f"job {key} goes on on the server (dsm job {key}; dsm cancel {key} stops it)" in stderr
+    assert server.job(key)["status"] == "running"
+    server.delete(f"/api/jobs/{key}")
 
 
 def test_unknown_things_are_not_found(server: Server, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -55,6 +56,13 @@ class Client:
         self.base = server.rstrip("/")
         if not re.match(r"https?://[^/]", self.base):
             raise CliError(f"the server must be an http:// or https:// URL, not {server!r}", 2)
+        try:  # a URL that can never be reached is a usage error (2), not an unreachable server (3)
+            requests.Request("GET", self.base + "/").prepare()
+            port = urlsplit(self.base).port
+        except (requests.exceptions.InvalidURL, ValueError) as exc:
+            raise CliError(f"the server's URL {server!r} is not usable: {one_line(str(exc))}", 2) from None
+        if port == 0:
+            raise CliError(f"the server's URL {server!r} names port 0", 2)
         self.token = token or None
         self.timeout = timeout
         self.session = requests.Session()

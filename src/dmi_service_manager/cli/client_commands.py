@@ -50,6 +50,15 @@ def _job(client: Client, job_id: int) -> dict[str, Any]:
 
 def _wait(client: Client, job_id: int) -> dict[str, Any]:
     """Poll a job until it is final, showing its status, message and records on stderr meanwhile."""
+    try:
+        return _poll(client, job_id)
+    except KeyboardInterrupt:  # only the waiting stops
+        print(f"dsm: job {job_id} goes on on the server (dsm job {job_id}; dsm cancel {job_id} stops it)",
+              file=sys.stderr)
+        raise
+
+
+def _poll(client: Client, job_id: int) -> dict[str, Any]:
     console = render.stderr_console()
     with Progress(SpinnerColumn(), TextColumn("job {task.fields[id]}"), TextColumn("{task.fields[status]}"),
                   TextColumn("{task.fields[records]}"), TextColumn("{task.fields[message]}"), TimeElapsedColumn(),
