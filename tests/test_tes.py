@@ -804,6 +804,10 @@ def test_unknown_backend_parameters_are_refused_when_strict_and_logged_otherwise
     kept = task.get("resources", {}).get("backend_parameters", {})
     assert "VmSize" not in kept and kept.get("timeout") == "60"  # unsupported keys are not stored or returned
 
+    no_gpu = shared.api.wait(shared.api.create(echo_task(resources={"backend_parameters": {"gpu_memory": "8GiB"}})))
+    assert no_gpu["state"] == "COMPLETE"
+    assert "'gpu_memory' was ignored: the task asks for no GPU" in system_logs(no_gpu)
+
 
 def test_unknown_task_ids_are_404_json(shared: Tes) -> None:
     assert_error(shared.api.call("GET", "/tasks/no-such-task"), 404)

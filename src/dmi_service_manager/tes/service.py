@@ -165,6 +165,9 @@ class TesService:
             raise BadRequest(f"{field}: this server does not support it (it supports {', '.join(BACKEND_PARAMETERS)}),"
                              " and backend_parameters_strict is true", extra={"field": field})
         notes = [f"backend parameter {key!r} is not supported here and was ignored" for key in ignored]
+        if "gpu_memory" in kept and int(kept.get("gpus", "0")) == 0:
+            notes.append("backend parameter 'gpu_memory' was ignored: the task asks for no GPU (gpus)")
+            del kept["gpu_memory"]
         return kept, notes
 
     # -- read
