@@ -114,6 +114,11 @@ def test_upload_skips_what_is_there_and_download_gives_back_the_same_tree(server
                           deep: (source / deep).read_bytes()}
     assert not list(part.rglob(".dsm-part-*"))
 
+    # a file named with its collection in one argument, as `list_filenames` paths read: as if given apart
+    named = dsm("download", f"coll/{deep}", "--server", server.url, cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    assert (tmp_path / "coll" / deep).read_bytes() == (source / deep).read_bytes()
+
 
 def test_files_at_the_top_of_a_folder_go_into_a_folder_of_the_collection(server: Server, tmp_path: Path) -> None:
     source = tmp_path / "images"

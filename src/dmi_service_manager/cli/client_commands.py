@@ -315,8 +315,11 @@ def download(collection: str, path: str | None, out: Path | None, server: str, t
     nothing is written outside --out.
     """
     started = time.monotonic()
+    client = Client(server, token)
+    if path is None:
+        collection, path = transfer.file_in_collection(client, collection)
     target = out if out is not None else Path(collection.rstrip("/").rsplit("/", 1)[-1] or "download")
-    report = transfer.download(Client(server, token), collection, path, target, render.stderr_console())
+    report = transfer.download(client, collection, path, target, render.stderr_console())
     return _report("downloaded", report, started, as_json)
 
 

@@ -425,6 +425,15 @@ def _local_dir(out: Path, parts: tuple[str, ...]) -> Path:
     return here
 
 
+def file_in_collection(client: Client, collection: str) -> tuple[str, str | None]:
+    """`c/sub/file.txt` given as the collection names a file: (`c`, `sub/file.txt`), as `dsm download c
+    sub/file.txt` would say it. Anything else is the collection (or a folder of it) as it was given."""
+    parts = collection_parts(collection)
+    if len(parts) > 1 and remote_size(client, parts) is not None:
+        return parts[0], "/".join(parts[1:])
+    return collection, None
+
+
 def download(client: Client, collection: str, path: str | None, out: Path, console: Console) -> DownloadReport:
     """Fetch a collection, or one file or folder of it, into `out` (paths relative to the collection)."""
     target = collection_parts(collection)
