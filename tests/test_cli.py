@@ -358,6 +358,13 @@ def test_token_commands_run_on_the_servers_config(server: Server) -> None:
     assert as_json(dsm("jobs", "--server", server.url, "--json", token=made.stdout.strip()))["jobs"] == []
     assert dsm("token", "revoke", "--name", "ci-bot", "--config", str(server.config_path)).returncode == 0
     assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
+    again = dsm("token", "create", "ci-bot", "--scope", "read", "--config", str(server.config_path))
+    assert again.returncode == 0, again.stderr  # a revoked token's name may be used again
+    listed = dsm("token", "list", "--config", str(server.config_path))
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("ci-bot")]
+    assert sorted((row[0], row[-4]) for row in rows) == [("ci-bot", "active"), ("ci-bot", "revoked")], listed.stdout
+    assert "401" in one_line_error(dsm("jobs", "--server", server.url, token=made.stdout.strip()), 4)
+    assert as_json(dsm("jobs", "--server", server.url, "--json", token=again.stdout.strip()))["jobs"] == []
     assert dsm("token", "create", "--config", str(server.config_path)).returncode == 2
     twice = dsm("token", "create", "one", "--name", "another", "--config", str(server.config_path))
     assert twice.returncode == 2 and "two names given" in twice.stderr  # neither is made

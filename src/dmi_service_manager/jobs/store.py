@@ -574,7 +574,10 @@ class Store:
     # -- API tokens
 
     def add_token(self, row: TokenRow) -> None:
+        """A new token; a revoked one of the same name keeps its row, renamed, so the name can be used again."""
         with self._write() as db:
+            db.execute("UPDATE tokens SET name = name || ' (revoked, ' || id || ')' WHERE name = ?"
+                       " AND revoked_at IS NOT NULL", (row.name,))
             try:
                 db.execute(
                     "INSERT INTO tokens (id, name, scope, salt, digest, created_at) VALUES (?, ?, ?, ?, ?, ?)",
