@@ -371,6 +371,10 @@ class DockerBackend:
                                        tail=tail if tail is not None else "all")
             except docker.errors.NotFound:
                 return DockerLogStream(None)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:  # "dead or marked for removal": as good as gone, its output read
+                    return DockerLogStream(None)
+                raise
         return DockerLogStream(stream)
 
     def labelled(self, labels: dict[str, str]) -> list[ContainerState]:
