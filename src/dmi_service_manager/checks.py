@@ -23,8 +23,8 @@ def engine_warnings(config: Config, runtime: Backend) -> list[str]:
             f"images not in the Docker engine: {', '.join(missing)}; their jobs fail until the images are built"
         )
     gpu_services = [n for n in config.docker_endpoints if config.service_uses_gpu(n)]
-    if gpu_services and runtime.gpu_problem() is not None:
-        warnings.append(f"{runtime.gpu_problem()} (GPU services: {', '.join(gpu_services)})")
+    if gpu_services and (problem := runtime.gpu_problem()) is not None:
+        warnings.append(f"{problem} (GPU services: {', '.join(gpu_services)})")
     return warnings
 
 

@@ -92,7 +92,6 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsm-job")
         self._readers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsm-logs")  # never waits on _pool
         self._events: EventStream | None = None
-        self._gpu_runtime: tuple[float, str | None] | None = None
         self._image_ids: dict[str, tuple[float, str]] = {}
 
     # -- lifecycle
@@ -261,12 +260,6 @@ class Scheduler:
             self._image_ids[image] = cached
         return cached[1]
 
-    def _gpu_problem(self) -> str | None:
-        """Whether the backend can attach GPUs; asked once a minute, as every GPU job asks."""
-        if self._gpu_runtime is None or time.monotonic() - self._gpu_runtime[0] > 60:
-            self._gpu_runtime = (time.monotonic(), self.backend.gpu_problem())
-        return self._gpu_runtime[1]
-
     def _start(self, job: Job, gpu_ids: list[str]) -> None:
         """A claimed job: its workload's preparation, then its first container. In a pool thread."""
         try:
@@ -296,7 +289,7 @@ class Scheduler:
             too_long = check_argv([*(spec.entrypoint or []), *spec.argv])
             if too_long:
                 raise StartFailed(too_long)
-            if (spec.gpu_ids or spec.gpus) and (problem := self._gpu_problem()):
+            if (spec.gpu_ids or spec.gpus) and (problem := self.backend.gpu_problem()):
                 raise StartFailed(problem)
             current = self.store.get(job.id)
             if current is None or current.status.final:

@@ -40,6 +40,7 @@ _LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "20m", "m
 _EVENTS = ["start", "die", "oom"]
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _FRAME_PIECE = 1024 * 1024
+GPU_ANSWER_SECONDS = 60.0  # how long whether Docker can hand out GPUs is taken as known
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -194,6 +195,7 @@ class DockerBackend:
         self.gpu_mode = gpu_mode
         self._client: docker.APIClient | None = None
         self._cpus: int | None = None
+        self._gpu_answer: tuple[float, str | None] | None = None  # (when, what gpu_problem found)
 
     @property
     def api(self) -> docker.APIClient:
@@ -276,9 +278,12 @@ class DockerBackend:
         return Launched(container_id, time.time())
 
     def gpu_problem(self) -> str | None:
-        if self.gpu_mode == "environment" or self.gpu_runtime() is not None:
+        """Asked once a minute: every GPU job's start, 4CAT's GPU check, the dashboard and metrics ask it."""
+        if self.gpu_mode == "environment":
             return None
-        return no_gpu_runtime()
+        if self._gpu_answer is None or time.monotonic() - self._gpu_answer[0] > GPU_ANSWER_SECONDS:
+            self._gpu_answer = (time.monotonic(), None if self.gpu_runtime() is not None else no_gpu_runtime())
+        return self._gpu_answer[1]
 
     def most_cpus(self) -> float | None:
         if self._cpus is None:  # the engine's CPU count does not change while it runs: asked once

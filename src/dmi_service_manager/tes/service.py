@@ -78,12 +78,12 @@ class TesService:
                 self._check_input(index, item.url, item.type)
         for index, output in enumerate(task.outputs):
             check_syntax(output.url, f"outputs[{index}].url")
-            if scheme_of(output.url) != "file":  # refused now, not after the executors have run
-                field = f"outputs[{index}].url"
-                raise BadRequest(f"{field}: this server cannot store outputs at {scheme_of(output.url)}:// URLs;"
-                                 " it stores them at file:// URLs below TES_FILE_ROOTS", extra={"field": field})
+            field = f"outputs[{index}].url"
+            if (scheme := scheme_of(output.url)) != "file":  # refused now, not after the executors have run
+                raise BadRequest(f"{field}: this server cannot store outputs at {scheme}:// URLs; it stores them"
+                                 " at file:// URLs below TES_FILE_ROOTS", extra={"field": field})
             directory = output.type == "DIRECTORY" or has_wildcard(output.path)
-            self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, f"outputs[{index}].url")
+            self.roots.locate(output.url.rstrip("/") + "/x" if directory else output.url, field)
         parameters, notes = self._backend_parameters(task)
         resources = task.resources
         if resources is not None and resources.cpu_cores:
