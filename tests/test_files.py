@@ -18,6 +18,8 @@ import pytest
 import requests
 from werkzeug.utils import secure_filename
 
+from dmi_service_manager.errors import Conflict
+from dmi_service_manager.files.storage import STAGING_DIR, Storage
 from fourcat import FourCat
 from support import Server, base_config, wait_until
 
@@ -548,6 +550,46 @@ def test_uploads_never_fail_while_a_job_keeps_removing_the_staging_folder(server
     assert set(statuses) <= {200, 409} and statuses.count(200) >= 30, statuses  # 409: "send it again"
     assert not (tmp_path / "victim").exists()
     assert "Traceback" not in server.log()
+
+
+def test_staging_removed_at_any_moment_is_send_it_again_never_an_error(tmp_path: Path) -> None:
+    """The storage itself, thousands of times: whatever step a job's removal of the staging folder lands
+    between, an upload is stored or refused as a conflict ("send it again"), new names and replaced ones alike."""
+    root = tmp_path / "uploads"
+    root.mkdir()
+    storage, staging, stop = Storage(root), root / STAGING_DIR, threading.Event()
+
+    def vandal() -> None:
+        while not stop.is_set():
+            subprocess.run(["rm", "-rf", str(staging)], check=False, stderr=subprocess.DEVNULL)
+            with contextlib.suppress(OSError):
+                staging.symlink_to(tmp_path / "victim")
+            with contextlib.suppress(OSError):
+                staging.unlink()
+
+    threads = [threading.Thread(target=vandal, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    outcomes: list[str] = []
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(outcomes) < 50_000:
+            try:
+                staged = storage.new_staged_file()
+                try:
+                    os.write(staged.fd, b"x" * 100)
+                    storage.place(staged, ("s",), f"f{len(outcomes) % 20}.txt")  # most replace a file
+                finally:
+                    staged.discard()
+                outcomes.append("stored")
+            except Conflict:
+                outcomes.append("send it again")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert "stored" in outcomes
+    assert not (tmp_path / "victim").exists()
 
 
 def test_the_first_folder_name_counts_and_extensions_are_the_stored_names(make_server: Callable[..., Server],

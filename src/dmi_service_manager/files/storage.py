@@ -301,8 +301,11 @@ class Storage:
                 staged.named(folder, name)
                 folder = -1  # the staged file owns it now
                 return staged
-            except FileNotFoundError:
-                continue  # the folder was removed after it was opened: again
+            except OSError as exc:
+                # removed after it was opened (Linux answers an O_TMPFILE there EPERM, not ENOENT): again
+                if not isinstance(exc, FileNotFoundError) and not _removed(folder):
+                    raise
+                continue
             finally:
                 if folder >= 0:
                     os.close(folder)
@@ -318,10 +321,7 @@ class Storage:
                         os.fsync(dir_fd)
                     return
                 except FileExistsError:  # an earlier upload of that name: replace it atomically instead
-                    staging, temporary = self._staging(), uuid.uuid4().hex
-                    staged.named(staging, temporary)
-                    # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
-                    os.link(f"{_PROC_FD}/{staged.fd}", temporary, dst_dir_fd=staging, follow_symlinks=True)
+                    self._name_in_staging(staged)
             assert staged.name is not None
             try:
                 os.rename(staged.name, name, src_dir_fd=staged.folder, dst_dir_fd=dir_fd)
@@ -333,6 +333,23 @@ class Storage:
             staged.forget()
             if self.fsync:
                 os.fsync(dir_fd)
+
+    def _name_in_staging(self, staged: StagedFile) -> None:
+        """Give an anonymous staged file a name in the staging folder, so that a rename can replace a file."""
+        for _ in range(5):
+            staging, temporary = self._staging(), uuid.uuid4().hex
+            try:
+                # a dir_fd makes Python call linkat(), which follows the /proc link; link() would not
+                os.link(f"{_PROC_FD}/{staged.fd}", temporary, dst_dir_fd=staging, follow_symlinks=True)
+            except FileNotFoundError:
+                os.close(staging)
+                continue  # a job removed the staging folder after it was opened: again
+            except BaseException:
+                os.close(staging)
+                raise
+            staged.named(staging, temporary)
+            return
+        raise _staging_gone()
 
     def remove_collection(self, parts: Parts) -> None:
         with self._dir(parts[:-1]) as parent:
@@ -491,7 +508,12 @@ def _real_folder(parent: int, name: str) -> int:
             _replace_intruder(parent, name)
         with contextlib.suppress(FileExistsError), disk_full_is_507():
             os.mkdir(name, 0o700, dir_fd=parent)
-    raise OSError(errno.EAGAIN, f"{name} keeps changing under the upload folder")
+    raise _staging_gone()
+
+
+def _removed(folder: int) -> bool:
+    """Whether an open folder has since been removed from the tree."""
+    return os.fstat(folder).st_nlink == 0
 
 
 def _replace_intruder(parent: int, name: str) -> None:
