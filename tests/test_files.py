@@ -276,6 +276,8 @@ def test_downloads_stream_with_length_etag_and_ranges(server: Server, tmp_path: 
     assert server.get("/api/download/dl/results/out.json", headers={"If-None-Match": etag}).status_code == 304
     assert server.get("/api/download/dl/results/missing.json").status_code == 404
     assert server.get("/api/download/dl/results").status_code == 404  # a folder is not a file
+    trailing = server.get("/api/download/dl/results/out.json/")  # a path ending in / names a folder
+    assert trailing.status_code == 404 and "does not exist" in trailing.json()["reason"]
 
 
 def test_a_file_that_shrinks_while_it_is_sent_cuts_the_download_and_says_so_once(server: Server,

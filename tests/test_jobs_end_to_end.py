@@ -206,6 +206,20 @@ def test_a_missing_image_ends_the_job_in_error_not_stuck(make_server: Callable[.
     assert "dsm-no-such-image:1" in json.loads(job["results"])["error"]
 
 
+def test_a_command_the_image_lacks_ends_the_job_with_code_127_and_says_which(make_server: Callable[..., Server],
+                                                                          tmp_path: Path) -> None:
+    from support import BUSYBOX, base_config
+
+    config = base_config(tmp_path)
+    config["DOCKER_ENDPOINTS"]["typo"] = {"image_name": BUSYBOX, "local": True, "data_path": "/app/data",
+                                          "command": "pythn3 /app/run.py"}
+    server = make_server(config)
+    job = server.wait_final(server.submit("typo_local", ["--x"])["key"])
+    results = json.loads(job["results"])
+    assert job["status"] == "error" and results["returncode"] == 127  # as `docker run` would exit
+    assert "'pythn3' was not found in the image" in results["error"]
+
+
 @pytest.mark.parametrize("args", [
     ["data/" + "x" * 1000 + f"/{i}.wav" for i in range(3000)],  # ~3 MB in all, over ARG_MAX
     ["data/" + "y" * 200_000],  # one argument over the kernel's per-argument limit

@@ -200,6 +200,20 @@ def test_a_failing_executor_ends_the_task_unless_its_error_is_ignored(shared: Te
     assert executor_logs(went_on)[1]["stdout"] == "second\n"
 
 
+def test_a_command_the_image_lacks_is_the_executors_failure_code_127_as_docker_run_says(shared: Tes) -> None:
+    missing = shared.api.create({"executors": [executor("no-such-command", "x")]})
+    ignored = shared.api.create({"executors": [executor("/bin", ignore_error=True), executor("echo", "second")]})
+    failed = shared.api.wait(missing)
+    assert failed["state"] == "EXECUTOR_ERROR", system_logs(failed)
+    [logged] = executor_logs(failed)
+    assert logged["exit_code"] == 127 and "'no-such-command' was not found" in logged["stderr"]
+    assert "was not found in the image" in system_logs(failed)
+    went_on = shared.api.wait(ignored)
+    assert went_on["state"] == "COMPLETE", system_logs(went_on)
+    assert [log["exit_code"] for log in executor_logs(went_on)] == [126, 0]  # not executable: 126
+    assert executor_logs(went_on)[1]["stdout"] == "second\n"
+
+
 # -- the queue it shares with 4CAT
 
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from ..errors import BadRequest, Conflict, DsmError, PayloadTooLarge
+from ..errors import BadRequest, Conflict, DsmError, NotFound, PayloadTooLarge
 from .storage import OpenFile, Storage, display, split_path
 from .uploads import UploadReceiver, UploadResult
 
@@ -73,6 +73,8 @@ class FileService:
         parts = split_path(path, "path")
         if len(parts) < 2:
             raise BadRequest("path must name a file inside a collection: <collection>/<folder>/<file>")
+        if path.endswith("/"):  # a folder's path, as the original's send_from_directory read it
+            raise NotFound(f"file {path} does not exist")
         return self.storage.open_file(parts), parts[-1]
 
     def count_lines(self, folder: str | None, file: str | None) -> int:

@@ -313,7 +313,30 @@ class Scheduler:
                      current.step, gpu_ids or (f"{spec.gpus} GPU(s) of the engine's choice" if spec.gpus else "CPU"))
         except StartFailed as exc:
             log.warning("job %s could not start: %s", job.id, exc)
-            self._fail(job, str(exc), Failure.START)
+            if exc.exit_code is None:
+                self._fail(job, str(exc), Failure.START)
+            else:
+                self._command_not_run(job, gpu_ids, str(exc), exc.exit_code)
+
+    def _command_not_run(self, job: Job, gpu_ids: list[str], why: str, exit_code: int) -> None:
+        """A command the image does not have (or cannot run) ends its step as `docker run` or a shell
+        would end it: with code 127 (126) and the reason on stderr. It is the executor's failure, not the
+        server's (TES: EXECUTOR_ERROR), and a TES executor's `ignore_error` passes over it to the next."""
+        now = time.time()
+        current = self.store.get(job.id)
+        if current is None or current.status.final:
+            return
+        if current.status == JobStatus.PENDING:
+            # no container is left: a crash before the end is recorded runs this start again (see _reconcile)
+            self.store.mark_running(job.id, container_id=None, gpu_ids=gpu_ids, details=current.details_dict())
+            self.store.set_started(job.id, now)
+            current = self.store.get(job.id)
+            if current is None or current.status != JobStatus.RUNNING:
+                return
+        state = ContainerState(id="", name="", labels={}, status="exited", exit_code=exit_code, started_at=now,
+                               finished_at=now, image_id="", error=why)
+        empty, reason = CapturedLog("", False, 0), CapturedLog(why, False, len(why.encode()))
+        self._step_over(current, StepExit(state=state, stdout=empty, stderr=reason), None)
 
     # -- finishing
 
@@ -383,6 +406,17 @@ class Scheduler:
         stdout, stderr = outputs.result()
         exit = StepExit(state=state, stdout=stdout, stderr=stderr,
                         engine_outage=self.backend.engine if outage or self._in_outage(state.finished_at) else None)
+        self._step_over(job, exit, container_id)
+
+    def _step_over(self, job: Job, exit: StepExit, container_id: str | None) -> None:
+        """A run ended (its container is `container_id`, or None where none was left): the job's next step,
+        or its end."""
+        state = exit.state
+
+        def remove() -> None:
+            if container_id:
+                self.backend.remove(container_id)
+
         result = self.workloads[job.kind].step_ended(job, exit)
         if isinstance(result, NextStep):
             if job.stop_reason:  # stopped between two steps: the workload says how it ends
@@ -391,22 +425,22 @@ class Scheduler:
             else:
                 # The log and the next step first, then the old container goes, then the next one starts:
                 # a crash anywhere in between resumes at the right step (see _reconcile).
-                self.store.advance_step(job_id, result.step, result.task_log)
-                self.backend.remove(container_id)
-                following = self.store.get(job_id)
+                self.store.advance_step(job.id, result.step, result.task_log)
+                remove()
+                following = self.store.get(job.id)
                 if following is not None and not following.status.final:
                     self._launch(following, list(job.gpu_ids))
                 return
         ended_at = max(state.finished_at, job.started_at or 0) if state.finished_at else None  # not the adoption's
         if job.stop_reason:
             # Stopped by us (timeout, cancel): the job says so only once its container is gone.
-            self.backend.remove(container_id)
+            remove()
             self._end(job, result, completed_at=ended_at)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
             self._end(job, result, completed_at=ended_at)
-            self.backend.remove(container_id)
-        log.info("job %s %s (exit code %s)", job_id, result.status.value, state.exit_code)
+            remove()
+        log.info("job %s %s (exit code %s)", job.id, result.status.value, state.exit_code)
 
     def _end(self, job: Job, ended: Ended, message: str | None = None, completed_at: float | None = None) -> None:
         if self.store.finish(job.id, ended.status, ended.results, failure=ended.failure, message=message,

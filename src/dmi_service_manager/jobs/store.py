@@ -467,8 +467,10 @@ class Store:
                                 (to.value, *values.values(), job_id))
             return cursor.rowcount > 0
 
-    def mark_running(self, job_id: int, *, container_id: str, gpu_ids: list[str], details: dict[str, Any]) -> bool:
-        """The container exists; from here 4CAT's progress comes from the service, so our note goes."""
+    def mark_running(self, job_id: int, *, container_id: str | None, gpu_ids: list[str],
+                     details: dict[str, Any]) -> bool:
+        """The container exists (None: its command could not run, and none is left); from here 4CAT's
+        progress comes from the service, so our note goes."""
         return self.transition(job_id, JobStatus.RUNNING, container_id=container_id, gpu_ids=gpu_ids,
                                details=details, message=None)
 

@@ -48,7 +48,14 @@ def check_argv(argv: list[str]) -> str | None:
 
 
 class StartFailed(Exception):
-    """The container could not be created or started; the message says why, for the job's error."""
+    """The container could not be created or started; the message says why, for the job's error.
+
+    `exit_code` is set where the fault is the command's own (not found: 127, not executable: 126, as a
+    shell or `docker run` would say): the run's code, not the server's, so TES calls it EXECUTOR_ERROR."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ContainerExists(Exception):

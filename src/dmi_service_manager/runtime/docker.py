@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import struct
 import time
@@ -40,6 +41,7 @@ _LOG_CONFIG = LogConfig(type=LogConfig.types.JSON, config={"max-size": "20m", "m
 _EVENTS = ["start", "die", "oom"]
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _FRAME_PIECE = 1024 * 1024
+_EXEC_FAILED = re.compile(r'exec: "(?P<path>[^"]*)": (?P<why>.*)')  # runc's words for a bad command
 GPU_ANSWER_SECONDS = 60.0  # how long whether Docker can hand out GPUs is taken as known
 
 
@@ -56,15 +58,19 @@ def _timestamp(value: str | None) -> float | None:
         return None
 
 
-def _describe_start_error(message: str, image: str, argv: list[str]) -> str:
+def _start_error(message: str, image: str, argv: list[str]) -> StartFailed:
     lowered = message.lower()
     if "argument list too long" in lowered or "e2big" in lowered:
-        return f"{argv_too_long(argv)} ({message})"
+        return StartFailed(f"{argv_too_long(argv)} ({message})")
     if "could not select device driver" in lowered or "nvidia" in lowered:
-        return f"The container could not get a GPU. {no_gpu_runtime()} ({message})"
+        return StartFailed(f"The container could not get a GPU. {no_gpu_runtime()} ({message})")
     if "no such image" in lowered:
-        return f"The image {image!r} is not in the Docker engine; build or pull it first. ({message})"
-    return f"The container could not start: {message}"
+        return StartFailed(f"The image {image!r} is not in the Docker engine; build or pull it first. ({message})")
+    if (command := _EXEC_FAILED.search(message)) is not None:
+        not_found = "not found" in command["why"] or "no such file" in command["why"]
+        return StartFailed(f"The command {command['path']!r} {'was not found' if not_found else 'could not be run'}"
+                           f" in the image {image!r} ({message})", exit_code=127 if not_found else 126)
+    return StartFailed(f"The container could not start: {message}")
 
 
 @contextmanager
@@ -256,7 +262,7 @@ class DockerBackend:
             except docker.errors.APIError as exc:
                 if exc.status_code == 409 and spec.name:
                     raise ContainerExists(spec.name) from None
-                raise StartFailed(_describe_start_error(str(exc.explanation or exc), spec.image, spec.argv)) from None
+                raise _start_error(str(exc.explanation or exc), spec.image, spec.argv) from None
         return str(created["Id"])
 
     def launch(self, spec: ContainerSpec) -> Launched:
@@ -297,7 +303,7 @@ class DockerBackend:
                 self.api.start(container_id)
             except docker.errors.APIError as exc:
                 image, argv = (spec.image, spec.argv) if spec else ("", [])
-                raise StartFailed(_describe_start_error(str(exc.explanation or exc), image, argv)) from None
+                raise _start_error(str(exc.explanation or exc), image, argv) from None
 
     def inspect(self, container_id: str) -> ContainerState | None:
         with _engine():

@@ -211,6 +211,8 @@ class TesWorkload:
             why = f"executor {job.step} ({executor.image}) exited with code {code}"
             if state.oom_killed:
                 why += "; it was killed for using more memory than resources.ram_gb allows"
+            elif state.error:  # it never ran: its command is not in the image
+                why += f": {state.error}"
             if exit.engine_outage:
                 return self._ended(job, task_log, f"{why} while the {exit.engine_outage} restarted", Failure.ENGINE)
             return self._ended(job, task_log, why, exit_failure(state, exit.stderr),
