@@ -107,6 +107,14 @@ def test_hostile_paths_on_every_read_route_touch_nothing_outside(make_server: Ca
     assert (planted / "uploads" / "c1" / "link-file").is_symlink()  # nothing deleted either
 
 
+def test_a_planted_link_is_never_followed_and_the_answer_says_it_is_a_link(make_server: Callable[..., Server],
+                                                                           planted: Path) -> None:
+    server = make_server(base_config(planted))
+    answer = server.get("/api/download/c1/link-file")
+    assert answer.status_code == 404 and "symbolic link" in answer.json()["reason"]
+    assert SECRET not in answer.text
+
+
 HOSTILE_UPLOADS = [
     # (folder_name, field name, file name): each must stay inside the upload folder or be refused
     ("../escape", "4cat_uploads", "a.txt"), ("/tmp/escape", "4cat_uploads", "a.txt"), ("c1/../../escape", "x", "a.txt"),

@@ -211,7 +211,10 @@ class Storage:
         with self._dir(parts[:-1]) as dir_fd:
             try:
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
-            except OSError:
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link: said so, as "missing" would puzzle its maker
+                    raise NotFound(f"file {display(parts)} is a symbolic link, which this server never follows"
+                                   ) from None
                 raise NotFound(f"file {display(parts)} does not exist") from None
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
