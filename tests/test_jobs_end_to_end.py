@@ -116,6 +116,14 @@ def test_the_poll_shape_is_exactly_what_4cat_reads(server: Server) -> None:
     assert {"returncode", "error", "report", "start_time", "end_time", "process_time"} <= set(results)
 
 
+def test_a_services_first_progress_message_is_kept_however_early_it_comes(server: Server) -> None:
+    # The fake service posts at once: often before the server has recorded that its container started.
+    keys = [server.submit("fake_local", ["--progress", "1", "--sleep", "1"], pass_key=True)["key"] for _ in range(8)]
+    finals = [server.wait_final(key) for key in keys]
+    assert [(job["status"], job["message"], job["processed_records"]) for job in finals] == \
+        [("complete", "step 1 of 1", 1)] * 8
+
+
 def test_pass_key_lets_the_container_report_progress(server: Server) -> None:
     answer = server.submit("fake_local", ["--progress", "3", "--sleep", "1"], pass_key=True)
     running = server.wait_status(answer["key"], "running")
@@ -204,6 +212,19 @@ def test_a_missing_image_ends_the_job_in_error_not_stuck(make_server: Callable[.
     job = server.wait_final(server.submit("ghost_local", [])["key"])
     assert job["status"] == "error"
     assert "dsm-no-such-image:1" in json.loads(job["results"])["error"]
+
+
+def test_a_datasets_folder_gone_after_start_fails_the_job_and_is_never_made_again(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    from support import base_config
+
+    server = make_server(base_config(tmp_path))
+    datasets = tmp_path / "4cat"
+    datasets.rename(tmp_path / "4cat.moved")  # a share unmounted, a folder moved: Docker would make an empty one
+    job = server.wait_final(server.submit("fake_local", ["--output_dir", "data/out", "data/x"])["key"])
+    results = json.loads(job["results"])
+    assert job["status"] == "error" and f"{datasets} that the job's container needs does not exist" in results["error"]
+    assert not datasets.exists()  # no results written where nobody looks for them
 
 
 def test_a_command_the_image_lacks_ends_the_job_with_code_127_and_says_which(make_server: Callable[..., Server],

@@ -434,10 +434,12 @@ class Store:
             )
 
     def claim(self, job_id: int, gpu_ids: list[str]) -> bool:
-        """Take a pending job for starting, with the GPUs it is placed on; false if it was cancelled."""
+        """Take a pending job for starting, with the GPUs it is placed on; false if it was cancelled.
+        The server's waiting note goes here, before the container starts: what the service posts from
+        its first moment on is its own, never wiped by the start being recorded after it."""
         with self._write() as db:
             cursor = db.execute(
-                "UPDATE jobs SET claimed_at = ?, gpu_ids = ? WHERE id = ? AND status = 'pending'"
+                "UPDATE jobs SET claimed_at = ?, gpu_ids = ?, message = NULL WHERE id = ? AND status = 'pending'"
                 " AND claimed_at IS NULL AND stop_reason IS NULL",
                 (time.time(), json.dumps(gpu_ids), job_id),
             )
@@ -469,10 +471,10 @@ class Store:
 
     def mark_running(self, job_id: int, *, container_id: str | None, gpu_ids: list[str],
                      details: dict[str, Any]) -> bool:
-        """The container exists (None: its command could not run, and none is left); from here 4CAT's
-        progress comes from the service, so our note goes."""
+        """The container exists (None: its command could not run, and none is left). The message is
+        left alone: the claim removed the server's note, and the service may have posted since."""
         return self.transition(job_id, JobStatus.RUNNING, container_id=container_id, gpu_ids=gpu_ids,
-                               details=details, message=None)
+                               details=details)
 
     def finish(self, job_id: int, status: JobStatus, results: dict[str, Any], *, failure: Failure | None = None,
                message: str | None = None, only_if_waiting: bool = False,

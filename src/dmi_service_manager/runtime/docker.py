@@ -19,6 +19,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig
+from docker.types import Mount as DockerMount
 
 from ..errors import RuntimeUnavailable
 from .base import (
@@ -42,6 +43,7 @@ _EVENTS = ["start", "die", "oom"]
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _FRAME_PIECE = 1024 * 1024
 _EXEC_FAILED = re.compile(r'exec: "(?P<path>[^"]*)": (?P<why>.*)')  # runc's words for a bad command
+_NO_SOURCE = re.compile(r"bind source path does not exist: (?P<path>\S+)")
 GPU_ANSWER_SECONDS = 60.0  # how long whether Docker can hand out GPUs is taken as known
 
 
@@ -66,6 +68,9 @@ def _start_error(message: str, image: str, argv: list[str]) -> StartFailed:
         return StartFailed(f"The container could not get a GPU. {no_gpu_runtime()} ({message})")
     if "no such image" in lowered:
         return StartFailed(f"The image {image!r} is not in the Docker engine; build or pull it first. ({message})")
+    if (missing := _NO_SOURCE.search(message)) is not None:
+        return StartFailed(f"The folder {missing['path']} that the job's container needs does not exist on this"
+                           f" server (a share that is not mounted? a folder removed?) ({message})")
     if (command := _EXEC_FAILED.search(message)) is not None:
         not_found = "not found" in command["why"] or "no such file" in command["why"]
         return StartFailed(f"The command {command['path']!r} {'was not found' if not_found else 'could not be run'}"
@@ -223,7 +228,10 @@ class DockerBackend:
     def create(self, spec: ContainerSpec) -> str:
         """Make (not start) the container; its id. ContainerExists if one of that name is there."""
         host_config: dict[str, Any] = {
-            "binds": {m.host: {"bind": m.container, "mode": "ro" if m.read_only else "rw"} for m in spec.mounts},
+            # Mounts, not binds: a missing host folder is refused, where a bind made an empty one (an unmounted
+            # share's results would land on the local disk, and the job "complete" without them).
+            "mounts": [DockerMount(target=m.container, source=m.host, type="bind", read_only=m.read_only)
+                       for m in spec.mounts],
             "network_mode": spec.network,
             "log_config": _LOG_CONFIG,
         }
