@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,9 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def dsm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def dsm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dmi_service_manager", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=60)
+                          cwd=cwd, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_the_originals_example_config_loads_unchanged(tmp_path: Path) -> None:
@@ -248,6 +249,14 @@ def test_without_a_config_the_embedded_default_is_used_and_its_folders_made(tmp_
     assert "embedded default configuration: valid" in done.stdout
     assert "POST /api/ocr_local" in done.stdout
     assert (tmp_path / "dsm-data" / "uploads").is_dir() and (tmp_path / "dsm-data" / "4cat").is_dir()
+
+
+def test_with_gpus_enabled_the_embedded_default_gives_whisper_a_card_and_never_ocr(tmp_path: Path) -> None:
+    done = dsm("check-config", "--offline", cwd=tmp_path, env={"DSM_GPU_ENABLED": "true"})
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[1]: line for line in done.stdout.splitlines() if line.strip().startswith("POST")}
+    assert "dsm-whisper:latest (GPU)" in lines["/api/whisper_local"]
+    assert "dsm-ocr:latest (CPU)" in lines["/api/ocr_local"]  # tesseract: CPUs only
 
 
 def test_config_example_documents_every_key_and_loads(tmp_path: Path) -> None:

@@ -154,6 +154,19 @@ def test_logs_can_be_followed_while_the_job_runs(server: Server) -> None:
     assert server.get(f"/api/jobs/{key}/logs", params={"tail": "x"}).status_code == 400
 
 
+def test_following_a_waiting_jobs_log_waits_for_its_container_then_follows_it(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
+    first = server.submit("fake_local", ["--sleep", "2"])["key"]
+    waiting = server.submit("fake_local", ["--stdout", "the second one speaks"])["key"]
+    server.wait_status(first, "running")
+    assert server.job(waiting)["status"] == "pending"
+    with requests.get(f"{server.url}/api/jobs/{waiting}/logs", params={"follow": "1"}, stream=True, timeout=60) as r:
+        text = b"".join(r.iter_content(None)).decode()
+    assert text.startswith(f"[dsm] job {waiting} is waiting to start")
+    assert "the second one speaks" in text and f"job {waiting} ended: complete" in text
+
+
 def test_four_workers_serve_every_route_and_start_each_job_exactly_once(
     make_server: Callable[..., Server], tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:

@@ -20,6 +20,7 @@ from ..errors import BadRequest, NotFound
 from ..jobs.model import JobStatus, Kind
 from ..jobs.service import JobService
 from ..jobs.store import JobFilter
+from ..runtime.base import LogStream
 from . import params, schemas
 from .auth import acting
 from .http import json_body, json_response
@@ -89,13 +90,25 @@ def router(jobs: JobService) -> APIRouter:
             return Response(media_type="text/plain; charset=utf-8")
         following = (follow or "").lower() in ("1", "true", "yes")
         found = await run_in_threadpool(jobs.logs, job_id, tail, following)
-        if found.live is None:
+        if found.live is None and not (following and not found.job.status.final):
             return Response(found.stored or "", media_type="text/plain; charset=utf-8")
-        lines = found.live
 
         async def stream() -> AsyncIterator[bytes]:
+            nonlocal found
+            if found.live is None:  # followed while it waits for its container: the stream starts with it
+                yield f"[dsm] job {job_id} is waiting to start\n".encode()
+                while found.live is None:
+                    await asyncio.sleep(FOLLOW_POLL_SECONDS)
+                    if await request.is_disconnected():
+                        return
+                    found = await run_in_threadpool(jobs.logs, job_id, tail, True)
+                    if found.job.status.final:  # it ran and ended between two looks, or never started
+                        yield (found.stored or "").encode()
+                        yield f"\n[dsm] job {job_id} ended: {found.job.status.value}\n".encode()
+                        return
+            lines = found.live
             try:
-                async for chunk in chunks():
+                async for chunk in chunks(lines):
                     yield chunk
             finally:
                 # The client went away (the response is cancelled) or the stream ended: closing it ends a read
@@ -103,7 +116,7 @@ def router(jobs: JobService) -> APIRouter:
                 # (and one of the followers' places) for as long as the container runs.
                 lines.close()
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks(lines: LogStream) -> AsyncIterator[bytes]:
             while True:
                 # A thread blocks on the engine for each read; a limiter of their own keeps followers from
                 # taking the threads that submits and cancels need. A cancelled response does not wait for it.
