@@ -252,6 +252,13 @@ def test_logs_follow_prints_what_the_container_prints_and_ends_with_the_job(serv
     assert dsm("logs", "--server", server.url, str(both)).stdout.endswith("server=\nerr\n")  # no blank line between
 
 
+def test_a_machine_outside_the_allow_list_is_told_so_not_sent_for_a_token(make_server: Callable[..., Server],
+                                                                           tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path, IP_WHITELIST=["10.0.0.0/8"]))
+    refused = one_line_error(dsm("jobs", "--server", server.url, token=server.token("admin")), 4)
+    assert "403" in refused and "IP_WHITELIST" in refused and "DSM_TOKEN" not in refused
+
+
 def test_cancel_needs_an_admin_token(server: Server) -> None:
     key = server.submit("fake_local", ["--sleep", "60"])["key"]
     server.wait_status(key, "running")

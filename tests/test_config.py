@@ -178,6 +178,18 @@ def test_dsm_environment_variables_override_keys(tmp_path: Path) -> None:
         load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={"DSM_IP_WHITELIST": "[x]"})  # the file is not at fault
 
 
+@pytest.mark.parametrize(("name", "value", "named"), [
+    ("DSM_DOCKER_ENDPOINTS", "{x: {image_name: a, data_path: /d, remote: true, gpu_memroy: 8GiB}}",
+     "DOCKER_ENDPOINTS.x.gpu_memroy (did you mean gpu_memory?)"),
+    ("DSM_GPU_INVENTORY", "[{id: 0, memory: 8GiB, nmae: x}]", "GPU_INVENTORY[0].nmae (did you mean name?)"),
+])
+def test_a_typo_inside_a_service_or_card_set_by_a_variable_refuses_to_start(tmp_path: Path, name: str, value: str,
+                                                                            named: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, ORIGINAL_EXAMPLE), env={name: value, "DSM_GPU_ENABLED": "true"})
+    assert named in refused.value.message and f"(set by {name})" in refused.value.message
+
+
 def env_warnings(loaded: LoadedConfig) -> list[str]:
     return [w for w in loaded.warnings if "environment" in w]
 

@@ -379,9 +379,11 @@ def test_staging_left_by_a_dead_process_is_swept_at_start_up(make_server: Callab
     leftover = tmp_path / "uploads" / ".dsm-staging" / "999999"  # no such process
     leftover.mkdir(parents=True)
     (leftover / "half-written").write_bytes(b"partial")
+    emptied = tmp_path / "uploads" / ".dsm-staging" / "999998"  # what every clean stop leaves: nothing lost
+    emptied.mkdir()
     server = make_server()
-    wait_until(lambda: not leftover.exists(), 10, what="the sweep")
-    assert "half-written upload" in server.log()
+    wait_until(lambda: not leftover.exists() and not emptied.exists(), 10, what="the sweep")
+    assert f"removed 1 half-written file(s) in {tmp_path / 'uploads'}" in server.log()
     assert server.get("/api/list_filenames/.dsm-staging").status_code == 400  # never listed
 
 

@@ -200,6 +200,16 @@ def test_a_failing_executor_ends_the_task_unless_its_error_is_ignored(shared: Te
     assert executor_logs(went_on)[1]["stdout"] == "second\n"
 
 
+def test_staging_left_in_a_file_root_by_a_dead_process_is_swept_at_start_up(make_server: Callable[..., Server],
+                                                                             tmp_path: Path) -> None:
+    leftover = tmp_path / "tes-data" / ".dsm-staging" / "999999"  # no such process; an output copy cut short
+    leftover.mkdir(parents=True)
+    (leftover / "half-copied").write_bytes(b"partial")
+    server = make_server(tes_config(tmp_path))
+    wait_until(lambda: not leftover.exists(), 10, what="the sweep")
+    assert f"removed 1 half-written file(s) in {tmp_path / 'tes-data'}" in server.log()
+
+
 def test_a_command_the_image_lacks_is_the_executors_failure_code_127_as_docker_run_says(shared: Tes) -> None:
     missing = shared.api.create({"executors": [executor("no-such-command", "x")]})
     ignored = shared.api.create({"executors": [executor("/bin", ignore_error=True), executor("echo", "second")]})

@@ -496,6 +496,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
 
     warnings = _unknown_key_warnings(data)
     overrides = _env_overrides(env, warnings)
+    nested: dict[str, Any] = {key: overrides[key] for key in ("DOCKER_ENDPOINTS", "GPU_INVENTORY") if key in overrides}
+    try:  # the same rule for a service or card given by a variable: a typo there refuses to start too
+        _unknown_key_warnings(nested)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.message} (set by {', '.join(ENV_PREFIX + key for key in nested)})") from None
     data.update(overrides)
     data = _drop_top_level_blanks(data)
     data.setdefault("DATABASE_FILE", "dsm.db")

@@ -154,15 +154,19 @@ class AppContext:
             self._sweep_staging()
 
     def _sweep_staging(self) -> None:
-        if not self.files.configured:
-            return
-        try:
-            swept = self.files.storage.sweep_staging()
-        except OSError as exc:
-            log.error("sweeping the upload staging folder failed: %s", exc)
-            return
-        except Exception:  # whatever a job made of the folder, housekeeping goes on
-            log.exception("sweeping the upload staging folder failed")
-            return
-        if swept:
-            log.warning("removed %d half-written upload(s) left by a process that died", swept)
+        """The staging of the upload folder, and of the TES file roots that task outputs are copied into."""
+        storages = [self.files.storage] if self.files.configured else []
+        if self.config.tes_enabled:
+            storages += self.tes.roots.storages
+        for storage in storages:
+            try:
+                swept = storage.sweep_staging()
+            except OSError as exc:
+                log.error("sweeping the staging folder in %s failed: %s", storage.root, exc)
+                continue
+            except Exception:  # whatever a job made of the folder, housekeeping goes on
+                log.exception("sweeping the staging folder in %s failed", storage.root)
+                continue
+            if swept:
+                log.warning("removed %d half-written file(s) in %s left by a process that died", swept,
+                            storage.root)

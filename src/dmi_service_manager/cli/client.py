@@ -116,6 +116,9 @@ class Client:
         if status == 401:
             sent = "the token was refused" if self.token else "no token was sent"
             return CliError(f"{self.base} refused the request (401, {sent}): {reason}; {TOKEN_HINT}", AUTH)
+        if status == 403 and reason.endswith("may not use this server"):  # the allow-list: no token helps
+            return CliError(f"{self.base} refuses this machine (403): {reason}; an admin of that server adds its"
+                            " address to IP_WHITELIST", AUTH)
         if status == 403:
             return CliError(f"{self.base} forbids this (403): {reason}; set DSM_TOKEN (or --token) to a token "
                             "whose scope allows it (`dsm token create --scope ...`)", AUTH)

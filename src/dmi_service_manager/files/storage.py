@@ -253,7 +253,8 @@ class Storage:
         raise _staging_gone()
 
     def sweep_staging(self) -> int:
-        """Remove what processes that are gone left half-written; returns how many folders."""
+        """Remove what processes that are gone left behind; returns how many half-written files it held
+        (a process's empty folder, which every clean stop leaves, is not one)."""
         root = self._root_fd()
         try:
             try:
@@ -276,11 +277,12 @@ class Storage:
                 if pid is not None and (pid == os.getpid() or alive(pid)):
                     continue
                 if is_dir:
+                    removed += _entries(top, name)
                     remove_tree(top, name)
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=top)
-                removed += 1
+                    removed += 1
         finally:
             os.close(top)
         return removed
@@ -512,6 +514,18 @@ def _real_folder(parent: int, name: str) -> int:
         with contextlib.suppress(FileExistsError), disk_full_is_507():
             os.mkdir(name, 0o700, dir_fd=parent)
     raise _staging_gone()
+
+
+def _entries(parent: int, name: str) -> int:
+    """How many entries the folder `name` holds (0 where it is gone, or not a folder)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError:
+        return 0
+    try:
+        return len(os.listdir(fd))
+    finally:
+        os.close(fd)
 
 
 def _removed(folder: int) -> bool:
