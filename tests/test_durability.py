@@ -44,6 +44,25 @@ def test_a_stop_leaves_running_containers_to_the_next_start_and_says_so(make_ser
     assert f"adopting 1 job(s) that were starting or running before this start ({key})" in server.log()
 
 
+def test_a_stopping_worker_never_takes_over_the_scheduler_while_it_drains_a_followed_log(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = make_server(base_config(tmp_path), workers=2)
+    key = server.submit("fake_local", ["--sleep", "10"])["key"]
+    server.wait_status(key, "running")
+    # A kept-alive connection stays with one worker: find one to the worker that does not run the scheduler.
+    sessions = [requests.Session() for _ in range(16)]
+    other = next(s for s in sessions if not s.get(f"{server.url}/api/health", timeout=30).json()["scheduler"]["here"])
+    with other.get(f"{server.url}/api/jobs/{key}/logs", params={"follow": "1"}, stream=True, timeout=30):
+        server.stop()  # the scheduler's worker stops at once; the other drains the followed log first
+    log = server.log()
+    assert "stopping: the containers of 1 running job(s)" in log
+    assert log.count("runs the scheduler") == 1, log
+    for session in sessions:
+        session.close()
+    server.start()
+    assert server.wait_final(key, 60)["status"] == "complete"
+
+
 def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code(
     make_server: Callable[..., Server], docker_client: docker.DockerClient
 ) -> None:

@@ -8,10 +8,12 @@ import logging
 import os
 import re
 import signal
+import threading
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -199,6 +201,24 @@ def _die_with_supervisor() -> None:
         os._exit(1)
 
 
+def _on_stop_signal(action: Callable[[], None]) -> None:
+    """Run `action` the moment SIGTERM or SIGINT arrives, before the server's own handler (uvicorn's, which
+    first lets open requests finish, up to its grace): a process that is stopping must not take over the
+    scheduler from another that stopped sooner, while it drains a followed log."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+        if not callable(previous):
+            continue
+
+        def chained(signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
+            action()
+            previous(signum, frame)
+
+        signal.signal(number, chained)
+
+
 class DsmApp(FastAPI):
     """FastAPI, with one lane beside its own stack for the request 4CAT sends most: the poll of a job.
 
@@ -253,6 +273,7 @@ def create_app(config: Config, port: int) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _die_with_supervisor()
         _return_big_blocks()
+        _on_stop_signal(context.stop_seeking)
         context.start_background()  # scheduler and adoption start after the socket is up
         yield
         context.stop_background()

@@ -61,6 +61,7 @@ class AppContext:
     webhooks: Webhooks
     scheduler: Scheduler | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _stop_seeking: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def build(cls, config: Config, port: int) -> AppContext:
@@ -106,6 +107,10 @@ class AppContext:
     def start_background(self) -> None:
         threading.Thread(target=self._seek_leadership, name="dsm-leadership", daemon=True).start()
 
+    def stop_seeking(self) -> None:
+        """This process is stopping: it no longer offers to run the scheduler (it keeps it, if it runs it)."""
+        self._stop_seeking.set()
+
     def stop_background(self) -> None:
         self._stop.set()
         if self.scheduler is not None:
@@ -114,7 +119,7 @@ class AppContext:
 
     def _seek_leadership(self) -> None:
         warned = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._stop_seeking.is_set():
             if self.leadership.try_acquire():
                 if self.doorbell.claim():
                     self._lead()
