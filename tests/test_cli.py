@@ -328,6 +328,19 @@ def test_a_server_url_that_can_never_work_is_a_usage_error_not_an_unreachable_se
         assert "Traceback" not in one_line_error(dsm("jobs", "--server", url), 2)
 
 
+def test_a_token_read_from_a_crlf_file_works_and_a_broken_one_is_a_usage_error(server: Server) -> None:
+    token = server.token("read")
+    assert dsm("jobs", "--server", server.url, token=token + "\r\n").returncode == 0
+    broken = dsm("jobs", "--server", server.url, token=token[:5] + "\n" + token[5:])
+    assert broken.returncode == 2 and "line break" in broken.stderr and "Traceback" not in broken.stderr
+
+
+@pytest.mark.parametrize("options", [["--port", "70000"], ["--port", "-1"], ["--workers", "0"]])
+def test_serve_refuses_a_port_or_worker_count_that_cannot_be(options: list[str], tmp_path: Path) -> None:
+    refused = dsm("serve", *options, cwd=tmp_path)
+    assert refused.returncode == 2 and "Invalid value" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_interrupting_submit_wait_says_the_job_goes_on(server: Server) -> None:
     waiting = subprocess.Popen([str(DSM), "submit", "fake_local", "--wait", "--server", server.url, "--",
                                 "--sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -29,8 +29,19 @@ FINAL = ("complete", "error")
 POLL_SECONDS = 1.0
 
 
+def _clean_token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A token read from a file may end in a line break (CRLF too): dropped. One inside is a mistake."""
+    if value is None:
+        return None
+    token = value.strip()
+    if not token.isprintable() or " " in token:
+        raise click.BadParameter("the token holds a space, a line break or another control character; a token is"
+                                 " one word, as `dsm token create` printed it")
+    return token or None
+
+
 def server_options(func: F) -> F:
-    func = click.option("--token", envvar="DSM_TOKEN", show_envvar=True,
+    func = click.option("--token", envvar="DSM_TOKEN", show_envvar=True, callback=_clean_token,
                         help="API token, sent as 'Authorization: Bearer <token>'")(func)
     return click.option("--server", envvar="DSM_SERVER", default=DEFAULT_SERVER, show_default=True,
                         show_envvar=True, help="the server's URL")(func)
@@ -139,7 +150,7 @@ def submit(endpoint: str, args: tuple[str, ...], timeout: float | None, pass_key
 @click.option("--service", help="only jobs of this service (e.g. ocr)")
 @click.option("--dataset-key", help="only the jobs 4CAT submitted for this dataset")
 @click.option("--kind", type=click.Choice([k.value for k in Kind]), help="only 4CAT jobs, or only TES tasks")
-@click.option("--limit", type=click.IntRange(min=0), default=30, show_default=True, help="at most this many")
+@click.option("--limit", type=click.IntRange(min=1), default=30, show_default=True, help="at most this many")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="skip this many first")
 @server_options
 @json_option

@@ -44,8 +44,8 @@ def default_workers() -> int:
 @click.command()
 @click.option("--config", help=CONFIG_HELP)
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", type=int, default=4000, show_default=True)
-@click.option("--workers", type=int, default=default_workers,
+@click.option("--port", type=click.IntRange(0, 65535), default=4000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers,
               help="worker processes, each serving every route (default: one per CPU, at most 4)")
 @click.option("--access-log", is_flag=True, help="log every request")
 def serve(config: str | None, host: str, port: int, workers: int, access_log: bool) -> int:
