@@ -370,6 +370,24 @@ def test_a_target_in_absolute_form_names_the_host_as_rfc_9112_says(server: Serve
     assert code == 400 and answer["reason"]  # no path: no route to try
 
 
+def test_an_http_1_0_client_gets_streamed_answers_unchunked_ended_by_the_close(server: Server) -> None:
+    """HTTP/1.0 knows no chunked coding (RFC 9112 6.1): a listing streamed without a length is sent as it is,
+    and the closed connection ends it."""
+    key = server.submit("fake_local", ["--stdout", "one line"])["key"]
+    server.wait_final(key)
+    started = time.monotonic()
+    answer = _raw(server.port, b"GET /jobs/?limit=5 HTTP/1.0\r\n\r\n", wait=30)
+    assert time.monotonic() - started < 20  # ended by the close, not by the client's patience
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert [job["id"] for job in json.loads(body)["jobs"]] == [key]
+    logs = _raw(server.port, b"GET /api/jobs/%d/logs HTTP/1.0\r\n\r\n" % key, wait=30)
+    assert logs.partition(b"\r\n\r\n")[2].startswith(b"one line")
+    # HTTP/1.1 still gets chunks, and keeps the connection
+    chunked = _raw(server.port, b"GET /jobs/?limit=5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", wait=30)
+    assert b"transfer-encoding: chunked" in chunked.partition(b"\r\n\r\n")[0].lower()
+
+
 def test_the_originals_double_slash_result_url_is_served(server: Server) -> None:
     key = server.submit("fake_local", [])["key"]
     answer = requests.get(f"{server.url}//api/jobs/{key}", timeout=30)  # as 4CAT sends the original's URL

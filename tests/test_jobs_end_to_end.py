@@ -289,7 +289,7 @@ def test_a_database_written_by_the_original_is_migrated_in_place(make_server: Ca
                        " completed_at INTEGER, status TEXT, message TEXT, details JSON, results JSON)")
     old_details = json.dumps({"request_json": {"args": [], "4CAT_dataset_key": "old"}, "request_args": {}})
     connection.executemany("INSERT INTO jobs (created_at, jobtype, status, details, results) VALUES (?, ?, ?, ?, ?)", [
-        (1700000000, "/api/whisper_local", "complete", old_details, json.dumps({"returncode": 0, "error": ""})),
+        (1700000000.75, "/api/whisper_local", "complete", old_details, json.dumps({"returncode": 0, "error": ""})),
         (1700000001, "/api/whisper_local", "running", old_details, None),
         (1700000002, "/api/whisper_local", "unknown", "not json at all", None),
         # final rows whose results 4CAT could not read: each comes out with an int returncode and a string error
@@ -302,8 +302,15 @@ def test_a_database_written_by_the_original_is_migrated_in_place(make_server: Ca
     connection.commit()
     connection.close()
 
+    connection = sqlite3.connect(database)
+    connection.execute("UPDATE jobs SET completed_at = 1700000099.5 WHERE id = 1")  # time.time(), as stored
+    connection.commit()
+    connection.close()
+
     server = make_server()
     assert server.job(1)["status"] == "complete"
+    times = (server.job(1)["created_at"], server.job(1)["completed_at"])
+    assert times == (1700000000, 1700000099) and all(type(t) is int for t in times)  # whole seconds, as 4CAT reads
     for job_id in (2, 3):
         job = server.job(job_id)
         assert job["status"] == "error"

@@ -338,6 +338,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         async def answered(scope: Any, receive: Any, send: Any) -> None:
+            if scope.get("http_version") == "1.0":
+                send = _close_delimited(cycle, scope, send)
             try:
                 await app(scope, receive, send)
             except asyncio.CancelledError:
@@ -385,6 +387,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(_error(status, reason, message))
             self.transport.close()
+
+
+def _close_delimited(cycle: RequestResponseCycle, scope: Any, send: Any) -> Any:
+    """An answer of no announced length (a streamed listing, a log) to an HTTP/1.0 client, which knows no
+    chunks (RFC 9112 6.1): sent as it is, ended by closing the connection. uvicorn would chunk it."""
+    streaming = False
+
+    async def sending(message: Any) -> None:
+        nonlocal streaming
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if scope["method"] != "HEAD" and message["status"] not in (204, 304) and b"content-length" not in names:
+                streaming = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+        elif streaming and message["type"] == "http.response.body":
+            cycle.expected_content_length = len(message.get("body", b""))  # each piece is all there is, so far
+        await send(message)
+
+    return sending
 
 
 def uvicorn_settings() -> dict[str, Any]:

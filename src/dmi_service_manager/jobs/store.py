@@ -282,10 +282,13 @@ class Store:
             fixed = _original_results(row["status"], row["results"])
             if fixed is not None:
                 db.execute("UPDATE jobs SET status = ?, results = ? WHERE id = ?", (*fixed, row["id"]))
-        # One pass over the rows: marked as seen, and indexed for the details query.
+        # One pass over the rows: marked as seen, indexed for the details query, and times made the whole
+        # seconds the protocol promises (a fraction of a second in a REAL column would be served as a float).
         taken = db.execute(
             "UPDATE jobs SET kind = '4cat', dataset_key = coalesce(dataset_key, CASE WHEN json_valid(details)"
-            f" THEN json_extract(details, '$.request_json.\"4CAT_dataset_key\"') END) WHERE {original}"
+            f" THEN json_extract(details, '$.request_json.\"4CAT_dataset_key\"') END),"
+            " created_at = CAST(created_at AS INTEGER), completed_at = CAST(completed_at AS INTEGER)"
+            f" WHERE {original}"
         ).rowcount
         return [f"took over {taken} job(s) written by the original DMI Service Manager (indexed for the"
                 f" details query); ended {len(left_open)} it had left open"]
