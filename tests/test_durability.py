@@ -44,6 +44,20 @@ def test_a_stop_leaves_running_containers_to_the_next_start_and_says_so(make_ser
     assert f"adopting 1 job(s) that were starting or running before this start ({key})" in server.log()
 
 
+def test_a_second_server_on_the_same_database_says_who_runs_the_queue(make_server: Callable[..., Server],
+                                                                      tmp_path: Path) -> None:
+    config = base_config(tmp_path, DMI_SM_SERVER="http://localhost:4000")
+    first = make_server(config)
+    second = make_server(config)
+    pid = int(Path(f"{config['DATABASE_FILE']}.scheduler.lock").read_text())
+    assert f"another server (pid {pid}) already runs the queue of {config['DATABASE_FILE']}" in second.log()
+    assert "already runs the queue" not in first.log()
+    for server in (first, second):  # neither listens on 4000: the progress of containers would go astray
+        assert f"but this server listens on port {server.port}" in server.log()
+    key = second.submit("fake_local", ["--exit", "0"])["key"]
+    assert second.wait_final(key)["status"] == "complete"  # the first one's queue ran it
+
+
 def test_a_stopping_worker_never_takes_over_the_scheduler_while_it_drains_a_followed_log(
         make_server: Callable[..., Server], tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path), workers=2)

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .access import AccessPolicy
 from .config import Config
@@ -72,7 +71,7 @@ class AppContext:
         backend = make_backend(config)
         gpus = GpuInventory(config, backend if isinstance(backend, DockerBackend) else None)
         doorbell = Doorbell(instance_id, config.database_file)
-        leadership = Leadership(Path(f"{config.database_file}.scheduler.lock"))
+        leadership = Leadership.of(config.database_file)
         workloads: dict[Kind, Workload] = {
             Kind.FOURCAT: FourCatWorkload(config, instance_id, config.server_url(port)),
             Kind.TES: TesWorkload(config, instance_id),

@@ -5,15 +5,17 @@ They read the configuration (and, for tokens, the server's database) directly; n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..errors import ConfigError
 from .exits import FAILED, USAGE, CliError
 from .render import stdout_console, when
@@ -60,7 +62,8 @@ def serve(config: str | None, host: str, port: int, workers: int, access_log: bo
     loaded = _load(config)
     settings = loaded.config
     print(f"dsm: using {loaded.source}", file=sys.stderr)
-    warnings = loaded.warnings + engine_warnings(settings, make_backend(settings, timeout=5))
+    warnings = loaded.warnings + engine_warnings(settings, make_backend(settings, timeout=5)) + \
+        _serving_warnings(settings, port)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     os.environ[ENV_CONFIG] = str(Path(config).resolve()) if config else ""
@@ -80,6 +83,26 @@ def serve(config: str | None, host: str, port: int, workers: int, access_log: bo
         **uvicorn_settings(),
     )
     return 0
+
+
+def _serving_warnings(config: Config, port: int) -> list[str]:
+    """What only a start on this port can tell: where containers will post progress, and whether another
+    server already runs the queue of this database."""
+    from ..jobs.leader import Leadership
+
+    warnings = []
+    if config.dmi_sm_server:
+        with contextlib.suppress(ValueError):
+            named = urlsplit(config.dmi_sm_server)
+            if named.hostname in ("localhost", "127.0.0.1", "::1") and named.port not in (None, port):
+                warnings.append(f"DMI_SM_SERVER is {config.dmi_sm_server}, but this server listens on port {port}:"
+                                " containers would post their progress to another port")
+    holder = Leadership.of(config.database_file).held_elsewhere()
+    if holder is not None:
+        warnings.append(f"another server{f' (pid {holder})' if holder else ''} already runs the queue of"
+                        f" {config.database_file}; this one serves requests for it, and takes the queue over only"
+                        " once that one stops")
+    return warnings
 
 
 @click.command("check-config")

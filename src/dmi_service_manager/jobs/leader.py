@@ -76,6 +76,11 @@ class Leadership:
         self.lock_path = lock_path
         self._fd: int | None = None
 
+    @classmethod
+    def of(cls, database: Path) -> Leadership:
+        """The lock of the scheduler of the jobs in `database`: one per database, beside it."""
+        return cls(Path(f"{database}.scheduler.lock"))
+
     def try_acquire(self) -> bool:
         if self._fd is not None:
             return True
@@ -98,6 +103,20 @@ class Leadership:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def held_elsewhere(self) -> int | None:
+        """The pid of another process that holds the lock now (0 where it cannot be read), else None."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder_pid() or 0
+        finally:
+            os.close(fd)  # closing it drops a lock it got
+        return None
 
     def holder_pid(self) -> int | None:
         try:

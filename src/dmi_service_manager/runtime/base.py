@@ -28,7 +28,7 @@ def no_gpu_runtime(services: Iterable[str] = ()) -> str:
     """Why a GPU job cannot run on an engine that cannot hand out GPUs; said at start-up and per job."""
     names = ", ".join(services)
     return ("GPU_ENABLED is set but Docker on this server has no GPU runtime (install and configure"
-            " nvidia-container-toolkit), so " + (f"jobs of {names}" if names else "this GPU job") + " cannot run."
+            " nvidia-container-toolkit), so " + (f"jobs of {names}" if names else "GPU jobs") + " cannot run."
             " Set gpu: false on a service to run it on the CPU.")
 
 
