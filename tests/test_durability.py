@@ -56,6 +56,16 @@ def test_a_second_server_on_the_same_database_says_who_runs_the_queue(make_serve
         assert f"but this server listens on port {server.port}" in server.log()
     key = second.submit("fake_local", ["--exit", "0"])["key"]
     assert second.wait_final(key)["status"] == "complete"  # the first one's queue ran it
+    assert "no token exists" not in first.log()
+
+
+def test_requiring_tokens_where_none_exists_is_warned_about_at_start(make_server: Callable[..., Server]) -> None:
+    server = make_server(REQUIRE_TOKEN=True)
+    assert "REQUIRE_TOKEN is set but no token exists" in server.log()
+    server.token("read")
+    server.stop()
+    server.start()
+    assert server.log().count("REQUIRE_TOKEN is set but no token exists") == 1  # the first start's only
 
 
 def test_a_stopping_worker_never_takes_over_the_scheduler_while_it_drains_a_followed_log(

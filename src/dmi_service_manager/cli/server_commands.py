@@ -89,8 +89,16 @@ def _serving_warnings(config: Config, port: int) -> list[str]:
     """What only a start on this port can tell: where containers will post progress, and whether another
     server already runs the queue of this database."""
     from ..jobs.leader import Leadership
+    from ..jobs.store import Store
+    from ..tokens import Tokens
 
     warnings = []
+    if config.require_token:
+        store = Store(config.database_file)
+        store.migrate()  # as the server's start does next
+        if all(token.revoked_at is not None for token in Tokens(store).list()):
+            warnings.append("REQUIRE_TOKEN is set but no token exists: every client, 4CAT too, is refused (401)"
+                            " until an admin makes one with `dsm token create`")
     if config.dmi_sm_server:
         with contextlib.suppress(ValueError):
             named = urlsplit(config.dmi_sm_server)
