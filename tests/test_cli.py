@@ -341,6 +341,15 @@ def test_serve_refuses_a_port_or_worker_count_that_cannot_be(options: list[str],
     assert refused.returncode == 2 and "Invalid value" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_the_demo_fails_in_one_line_with_the_clis_exit_codes_and_uploads_nothing(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    closed = make_server(REQUIRE_TOKEN=True)
+    assert "401" in one_line_error(dsm("demo", "--server", closed.url, cwd=tmp_path), 4)
+    server = make_server()  # its config has no ocr service
+    assert "offers no ocr_remote endpoint" in one_line_error(dsm("demo", "--server", server.url, cwd=tmp_path), 5)
+    assert server.get("/api/collections").json()["collections"] == []
+
+
 def test_interrupting_submit_wait_says_the_job_goes_on(server: Server) -> None:
     waiting = subprocess.Popen([str(DSM), "submit", "fake_local", "--wait", "--server", server.url, "--",
                                 "--sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -74,7 +74,7 @@ class Client:
         return self.base + path
 
     def request(self, method: str, path: str, *, params: Mapping[str, str] | None = None, json: Any = None,
-                data: Any = None, headers: Mapping[str, str] | None = None, stream: bool = False,
+                data: Any = None, files: Any = None, headers: Mapping[str, str] | None = None, stream: bool = False,
                 read_timeout: float | None = None, accept: Iterable[int] = ()) -> requests.Response:
         """One request; an error status (other than those in `accept`) raises a CliError. `read_timeout`:
         seconds to wait for each part of the answer (None: the client's; infinity: no limit)."""
@@ -82,7 +82,7 @@ class Client:
         timeout = (CONNECT_TIMEOUT, waiting)
         try:
             response = self.session.request(method, self.url(path), params=params, json=json, data=data,
-                                            headers=headers, stream=stream, timeout=timeout)
+                                            files=files, headers=headers, stream=stream, timeout=timeout)
         except requests.RequestException as exc:
             raise self.unreachable(exc) from None
         if response.status_code >= 400 and response.status_code not in accept:

@@ -337,12 +337,13 @@ def download(collection: str, path: str | None, out: Path | None, server: str, t
 @click.command(short_help="Run the OCR and speech-to-text demos against a running server.")
 @server_options
 @click.option("--out", default="dsm-data/demo-results", show_default=True,
-              help="where to save the downloaded results")
+              help="where to save the OCR results (speech to text's go to <out>-whisper)")
 def demo(server: str, token: str | None, out: str) -> int:
-    """Run the OCR demo (and speech to text, when offered) against a running server and print the text."""
+    """Run the OCR demo (and speech to text, when offered) against a running server and print the text.
+    Its samples come from the locally built service images: run it on the server's host."""
     from ..demo import run_demo
 
-    return run_demo(server, Path(out), token)
+    return run_demo(Client(server, token), Path(out))
 
 
 COMMANDS = (upload, download, jobs, job, logs, cancel, services, gpus, submit, demo)
