@@ -335,6 +335,12 @@ def test_a_token_read_from_a_crlf_file_works_and_a_broken_one_is_a_usage_error(s
     assert broken.returncode == 2 and "line break" in broken.stderr and "Traceback" not in broken.stderr
 
 
+def test_serve_on_a_port_in_use_is_one_line_and_exit_1(server: Server, tmp_path: Path) -> None:
+    busy = one_line_error(dsm("serve", "--host", "127.0.0.1", "--port", str(server.port), cwd=tmp_path), 1)
+    assert f"cannot listen on 127.0.0.1:{server.port}" in busy and "in use" in busy
+    assert server.get("/api/").status_code == 200  # the one there goes on
+
+
 @pytest.mark.parametrize("options", [["--port", "70000"], ["--port", "-1"], ["--workers", "0"]])
 def test_serve_refuses_a_port_or_worker_count_that_cannot_be(options: list[str], tmp_path: Path) -> None:
     refused = dsm("serve", *options, cwd=tmp_path)
@@ -372,7 +378,7 @@ def test_unknown_things_are_not_found(server: Server, tmp_path: Path) -> None:
 
 
 def test_server_side_failures_are_one_line(tmp_path: Path) -> None:
-    line = one_line_error(dsm("build-service", "nosuch", cwd=tmp_path), 1)
+    line = one_line_error(dsm("build-service", "nosuch", cwd=tmp_path), 2)  # a name that is no recipe: usage
     assert "no service recipe 'nosuch'" in line
     missing = one_line_error(dsm("check-config", str(tmp_path / "nope.yml")), 2)
     assert "cannot read the config file" in missing

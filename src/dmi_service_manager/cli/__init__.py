@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"config error: {exc.message}", USAGE)
     except DsmError as exc:  # a failed build (BuildFailed), an engine that cannot be reached (RuntimeUnavailable)
         return _fail(exc.message, FAILED)
-    except requests.RequestException as exc:  # from code that uses requests itself (the demo)
+    except requests.RequestException as exc:  # a request made outside the Client, which maps its own
         url = str(exc.request.url) if exc.request is not None and exc.request.url else "the server"
         error = unreachable(urlsplit(url)._replace(path="", query="", fragment="").geturl(), exc)
         return _fail(error.message, error.code)

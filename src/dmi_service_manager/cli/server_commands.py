@@ -61,6 +61,7 @@ def serve(config: str | None, host: str, port: int, workers: int, access_log: bo
 
     loaded = _load(config)
     settings = loaded.config
+    _check_port(host, port)
     print(f"dsm: using {loaded.source}", file=sys.stderr)
     warnings = loaded.warnings + engine_warnings(settings, make_backend(settings, timeout=5)) + \
         _serving_warnings(settings, port)
@@ -83,6 +84,25 @@ def serve(config: str | None, host: str, port: int, workers: int, access_log: bo
         **uvicorn_settings(),
     )
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port another process listens on is one line and exit 1 (uvicorn would say it in its log format
+    and exit 3, which the CLI's codes give to 'the server cannot be reached')."""
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"--host {host!r} is not an address of this machine: {exc.strerror}", USAGE) from None
+    for family, kind, proto, _, address in found[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (another dsm serve? --port picks"
+                               " another)", FAILED) from None
 
 
 def _serving_warnings(config: Config, port: int) -> list[str]:
@@ -244,8 +264,13 @@ def build_service(name: str, force: bool, gpu: bool, models: str | None) -> int:
     """
     import docker.errors
 
+    from ..runtime.images import BuildFailed, find_recipe
     from ..runtime.images import build_service as build
 
+    try:
+        find_recipe(name)
+    except BuildFailed as exc:  # a name that is no recipe: the command line is wrong, nothing failed
+        raise CliError(exc.message, USAGE) from None
     started = time.monotonic()
     try:
         tag = build(name, force=force, log=lambda line: print(line, file=sys.stderr), gpu=gpu,
