@@ -115,8 +115,12 @@ def _serving_warnings(config: Config, port: int) -> list[str]:
     warnings = []
     if config.require_token:
         store = Store(config.database_file)
-        store.migrate()  # as the server's start does next
-        if all(token.revoked_at is not None for token in Tokens(store).list()):
+        try:
+            store.migrate()  # as the server's start does next
+            tokens = Tokens(store).list()
+        finally:
+            store.close()  # the supervisor keeps no connection: the workers open their own
+        if all(token.revoked_at is not None for token in tokens):
             warnings.append("REQUIRE_TOKEN is set but no token exists: every client, 4CAT too, is refused (401)"
                             " until an admin makes one with `dsm token create`")
     if config.dmi_sm_server:

@@ -22,7 +22,7 @@ from ..jobs.store import NewJob, Store, TaskFilter
 from .images import image_allowed
 from .schema import Task, has_wildcard, parse_task
 from .states import STATES, state_of
-from .transfer import FileRoots, HttpPolicy, check_syntax, scheme_of
+from .transfer import OUTPUT_SCHEMES, FileRoots, HttpPolicy, check_syntax, scheme_of
 from .workload import rfc3339
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TesService:
         for index, output in enumerate(task.outputs):
             check_syntax(output.url, f"outputs[{index}].url")
             field = f"outputs[{index}].url"
-            if (scheme := scheme_of(output.url)) != "file":  # refused now, not after the executors have run
+            if (scheme := scheme_of(output.url)) not in OUTPUT_SCHEMES:  # refused now, not after the executors ran
                 raise BadRequest(f"{field}: this server cannot store outputs at {scheme}:// URLs; it stores them"
                                  " at file:// URLs below TES_FILE_ROOTS", extra={"field": field})
             directory = output.type == "DIRECTORY" or has_wildcard(output.path)

@@ -27,8 +27,7 @@ from ..files.storage import Parts, Storage, disk_full_is_507, split_path
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 5
 CHUNK = 1024 * 1024
-INPUT_SCHEMES = ("file", "http", "https")
-OUTPUT_SCHEMES = ("file",)
+OUTPUT_SCHEMES = ("file",)  # inputs: file, http(s) and content, each checked in its own way
 
 
 class TransferFailed(Exception):
