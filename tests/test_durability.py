@@ -71,11 +71,18 @@ def test_requiring_tokens_where_none_exists_is_warned_about_at_start(make_server
 def test_a_stopping_worker_never_takes_over_the_scheduler_while_it_drains_a_followed_log(
         make_server: Callable[..., Server], tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path), workers=2)
-    key = server.submit("fake_local", ["--sleep", "10"])["key"]
+    key = server.submit("fake_local", ["--sleep", "30"])["key"]
     server.wait_status(key, "running")
     # A kept-alive connection stays with one worker: find one to the worker that does not run the scheduler.
-    sessions = [requests.Session() for _ in range(16)]
-    other = next(s for s in sessions if not s.get(f"{server.url}/api/health", timeout=30).json()["scheduler"]["here"])
+    # Which worker accepts a connection is the kernel's choice, so keep opening new ones (bounded) until one lands there.
+    sessions: list[requests.Session] = []
+
+    def to_the_other_worker() -> requests.Session | None:
+        sessions.append(requests.Session())
+        here = sessions[-1].get(f"{server.url}/api/health", timeout=30).json()["scheduler"]["here"]
+        return None if here else sessions[-1]
+
+    other = wait_until(to_the_other_worker, 20, what="a connection to the worker that does not run the scheduler")
     with other.get(f"{server.url}/api/jobs/{key}/logs", params={"follow": "1"}, stream=True, timeout=30):
         server.stop()  # the scheduler's worker stops at once; the other drains the followed log first
     log = server.log()
