@@ -130,6 +130,24 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def pids(self) -> list[int]:
+        """The server's process and its workers."""
+        assert self.process is not None
+        pid = self.process.pid
+        return [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+    def staged_files_open(self) -> list[str]:
+        """Upload files the server holds open in its staging folders. An upload is written into a file with
+        no name (O_TMPFILE), so a leaked one never shows in the folder: only as a descriptor held open."""
+        held = []
+        for pid in self.pids():
+            folder = Path(f"/proc/{pid}/fd")
+            for fd in os.listdir(folder) if folder.exists() else []:
+                with contextlib.suppress(OSError):
+                    if "/.dsm-staging/" in (target := os.readlink(folder / fd)):  # a file in it
+                        held.append(target)
+        return held
+
     def kill(self) -> None:
         """kill -9 of the server's main process only, as an admin or the OOM killer would."""
         assert self.process is not None

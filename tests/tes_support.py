@@ -330,7 +330,8 @@ def files_holding(folder: Path, secret: str) -> list[Path]:
 def container_with_env(client: docker.DockerClient, instance: str | None, marker: str) -> Any:
     """The container of this server whose environment holds `marker` (a KEY=value the test gave the executor)."""
     def find() -> Any:
-        for container in client.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={instance}"}):
+        for container in client.containers.list(all=True, filters={"label": f"{INSTANCE_LABEL}={instance}"},
+                                                ignore_removed=True):  # another test's, removed while listed
             if marker in (container.attrs["Config"].get("Env") or []):
                 return container
         return None

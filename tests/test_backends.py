@@ -159,16 +159,15 @@ def test_gpu_jobs_wait_in_slurm_until_a_card_frees(make_server: Callable[..., Se
     server = make_server(config, env=slurm_cluster.env)
     check = server.get("/api/check_gpu_mem/fake")
     assert check.status_code == 200 and check.json()["memory"]["gpu_total_mem"] == 16 * 1024**3
-    keys = [server.submit("fake_local", ["--sleep", "6"])["key"] for _ in range(3)]
+    keys = [server.submit("fake_local", ["--sleep", "15"])["key"] for _ in range(3)]
     names = [f"dsm-{server.instance}-{key}" for key in keys]
 
     def slurm_states() -> dict[str, str]:
         output = slurm_cluster.run("squeue", "--noheader", "--format=%j %T").stdout
         return dict(line.split() for line in output.splitlines() if line.strip())
 
-    states = wait_until(lambda: (s := slurm_states()) and sorted(s.get(n, "") for n in names) ==
-                        ["PENDING", "RUNNING", "RUNNING"] and s, 60, what="two running, one waiting for a GPU")
-    assert states
+    wait_until(lambda: sorted(slurm_states().get(n, "") for n in names) == ["PENDING", "RUNNING", "RUNNING"], 60,
+               what="two running, one waiting for a GPU")
     assert server.get("/api/check_gpu_mem/fake").status_code == 200  # never 503 for a job that will fit
     for key in keys:
         assert server.wait_final(key, 120)["status"] == "complete"

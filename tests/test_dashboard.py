@@ -129,9 +129,9 @@ def test_a_job_waits_then_runs_then_completes_without_a_reload(make_server: Call
     server = make_server(MAX_CONCURRENT_JOBS=1)
     page = open_page(server)
     page.evaluate("window.sameDocument = true")
-    ahead = server.submit("fake_local", ["--sleep", "8"])["key"]
+    ahead = server.submit("fake_local", ["--sleep", "15"])["key"]
     server.wait_status(ahead, "running")
-    job = server.submit("fake_local", ["--sleep", "5"])["key"]
+    job = server.submit("fake_local", ["--sleep", "8"])["key"]
 
     waiting = row(page, "queue", job)
     expect(field(waiting, "Place")).to_have_text("1 of 1", timeout=WAIT)
@@ -154,7 +154,7 @@ def test_following_a_running_jobs_log_shows_what_the_container_prints(make_serve
                                                                        open_page: Callable[..., Page]) -> None:
     server = make_server()
     page = open_page(server)
-    job = server.submit("fake_local", ["--stdout", "hello from the container", "--sleep", "5"])["key"]
+    job = server.submit("fake_local", ["--stdout", "hello from the container", "--sleep", "15"])["key"]
     server.wait_status(job, "running")
     page.get_by_role("button", name=f"Follow the log of job {job}").click()
     expect(page.locator("#log-job")).to_have_text(str(job))

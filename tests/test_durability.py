@@ -25,7 +25,8 @@ def test_a_job_survives_a_server_kill_and_is_adopted(make_server: Callable[..., 
     server.wait_status(key, "running")
     server.kill()
     server.start(wait=False)
-    assert server.wait_ready() < 5  # answers within seconds: 4CAT aborts on its fourth failed poll
+    # answers within seconds (4CAT aborts on its fourth failed poll); generous for a loaded machine
+    assert server.wait_ready() < 20
     job = server.wait_final(key, 30)
     assert job["status"] == "complete"
     assert "adopted" in json.loads(job["results"])["report"]
@@ -74,7 +75,7 @@ def test_a_stopping_worker_never_takes_over_the_scheduler_while_it_drains_a_foll
     key = server.submit("fake_local", ["--sleep", "30"])["key"]
     server.wait_status(key, "running")
     # A kept-alive connection stays with one worker: find one to the worker that does not run the scheduler.
-    # Which worker accepts a connection is the kernel's choice, so keep opening new ones (bounded) until one lands there.
+    # Which worker accepts a connection is the kernel's choice: open new ones (bounded) until one lands there.
     sessions: list[requests.Session] = []
 
     def to_the_other_worker() -> requests.Session | None:
@@ -98,7 +99,7 @@ def test_a_container_that_exits_while_the_server_is_down_gets_its_real_exit_code
     make_server: Callable[..., Server], docker_client: docker.DockerClient
 ) -> None:
     server = make_server()
-    key = server.submit("fake_local", ["--sleep", "1", "--stderr", "failed while you were away", "--exit", "7"])["key"]
+    key = server.submit("fake_local", ["--sleep", "4", "--stderr", "failed while you were away", "--exit", "7"])["key"]
     server.wait_status(key, "running")
     server.kill()
     container = containers_of(docker_client, server.instance, key)[0]
@@ -122,7 +123,7 @@ def test_a_job_whose_start_a_crash_kept_unrecorded_runs_once(make_server: Callab
     what that crash leaves (claimed, still pending). The next server adopts the run and never starts a second."""
     server = make_server()
     since = time.time()
-    key = server.submit("fake_local", ["--sleep", "2", "--stdout", "once", "--exit", "0"])["key"]
+    key = server.submit("fake_local", ["--sleep", "5", "--stdout", "once", "--exit", "0"])["key"]
     server.wait_status(key, "running")
     server.kill()
     with sqlite3.connect(server.config["DATABASE_FILE"]) as db:
@@ -156,7 +157,7 @@ def test_a_job_whose_container_vanished_ends_in_error_saying_so(
 def test_pending_jobs_wait_durably_and_start_after_a_restart(make_server: Callable[..., Server],
                                                              tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
-    first = server.submit("fake_local", ["--sleep", "2"])["key"]
+    first = server.submit("fake_local", ["--sleep", "8"])["key"]
     queued = [server.submit("fake_local", ["--stdout", f"job {i}"])["key"] for i in range(3)]
     server.wait_status(first, "running")
     waiting = server.job(queued[1])
@@ -193,7 +194,7 @@ def test_cancel_a_pending_job_and_a_running_one(make_server: Callable[..., Serve
 
 
 def test_logs_can_be_followed_while_the_job_runs(server: Server) -> None:
-    key = server.submit("fake_local", ["--progress", "3", "--stdout", "hello from the container"],
+    key = server.submit("fake_local", ["--progress", "3", "--sleep", "3", "--stdout", "hello from the container"],
                         pass_key=True)["key"]
     server.wait_status(key, "running")
     with requests.get(f"{server.url}/api/jobs/{key}/logs", params={"follow": "1"}, stream=True, timeout=30) as r:
@@ -207,7 +208,7 @@ def test_logs_can_be_followed_while_the_job_runs(server: Server) -> None:
 def test_following_a_waiting_jobs_log_waits_for_its_container_then_follows_it(
         make_server: Callable[..., Server], tmp_path: Path) -> None:
     server = make_server(base_config(tmp_path, MAX_CONCURRENT_JOBS=1))
-    first = server.submit("fake_local", ["--sleep", "2"])["key"]
+    first = server.submit("fake_local", ["--sleep", "8"])["key"]
     waiting = server.submit("fake_local", ["--stdout", "the second one speaks"])["key"]
     server.wait_status(first, "running")
     assert server.job(waiting)["status"] == "pending"

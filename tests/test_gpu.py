@@ -103,7 +103,7 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
 ) -> None:
     # GPU_DEVICE_MODE environment: cards are named in NVIDIA_VISIBLE_DEVICES, so containers start here.
     server = make_server(gpu_config(tmp_path, MAX_CONCURRENT_JOBS=10))
-    keys = [server.submit("whisper_local", ["--sleep", "5"])["key"] for _ in range(5)]
+    keys = [server.submit("whisper_local", ["--sleep", "15"])["key"] for _ in range(5)]
 
     def placement() -> dict[int, str]:
         found = {}
@@ -119,8 +119,11 @@ def test_concurrent_gpu_jobs_are_pinned_to_cards_and_never_oversubscribe(
         for gpu in ids:
             per_card[gpu] = per_card.get(gpu, 0) + 10
     assert per_card == {"0": 10, "1": 20}  # 16 GiB holds one 10 GiB job, 24 GiB holds two
-    waiting = [server.job(k) for k in keys if k not in first]
-    assert all(j["status"] == "pending" and "Waiting in line" in j["message"] for j in waiting)
+    def waiting() -> list[dict[str, Any]]:
+        return [server.job(k) for k in keys if k not in first]
+
+    assert all(j["status"] == "pending" for j in waiting())
+    wait_until(lambda: all("Waiting in line" in (j["message"] or "") for j in waiting()), 10, what="queue notes")
     some = next(iter(first))
     container = docker_client.containers.get(json.loads(server.job(some)["details"])["container"]["name"])
     assert f"NVIDIA_VISIBLE_DEVICES={first[some][0]}" in container.attrs["Config"]["Env"]

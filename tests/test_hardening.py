@@ -140,7 +140,7 @@ def test_too_many_parts_in_one_upload_is_413_and_keeps_nothing(server: Server, t
     assert_json_error(response, 413)
     assert not (tmp_path / "uploads" / "many").exists()
     staging = tmp_path / "uploads" / ".dsm-staging"
-    assert not any(p.is_file() for p in staging.rglob("*"))
+    assert not any(p.is_file() for p in staging.rglob("*")) and server.staged_files_open() == []
     ok = server.post("/api/send_files", data={"folder_name": "few"}, files=files[:3])
     assert ok.status_code == 200 and len(ok.json()["4cat_uploads"]) == 3
 
@@ -229,6 +229,21 @@ def _raw(port: int, payload: bytes, wait: float = 5.0) -> bytes:
         return b"".join(chunks)
 
 
+def _one_answer(sock: socket.socket) -> bytes:
+    """One whole answer (head and Content-Length body) from a kept-alive connection, however it arrives."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += (chunk := sock.recv(65536))
+        assert chunk, answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += (chunk := sock.recv(65536))
+        assert chunk, answer + body
+    return head + b"\r\n\r\n" + body
+
+
 def _status_and_json(answer: bytes) -> tuple[int, dict[str, Any]]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"application/json" in head.lower(), head
@@ -251,29 +266,22 @@ def test_requests_that_cannot_be_read_get_the_usual_json_error(server: Server, p
 def test_a_head_that_never_ends_is_cut_off_and_never_buffered_without_limit(server: Server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_SECONDS + 10) as sock:
         sock.sendall(b"GET /api/ HTTP/1.1\r\nX-Slow: ")
-        sent = 0
-        try:  # an unfinished header, sent on and on: the server answers 431 and stops reading
-            for _ in range(200):
-                sock.sendall(b"a" * 4096)
-                sent += 4096
-        except OSError:
-            pass
-        answer = sock.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 431") and sent < 4 * MAX_HEAD_BYTES + 200 * 4096
+        # an unfinished header, sent on and on: the server answers 431 and hangs up
+        answer = _closed_after_answer(sock, b"a" * 4096)
+    assert answer.startswith(b"HTTP/1.1 431")
     started = time.monotonic()
     code, body = _status_and_json(_raw(server.port, b"GET /api/ HTTP/1.1\r\nHost: x\r\n", wait=HEAD_SECONDS + 10))
     assert code == 408 and "headers took more than" in body["message"]
-    assert time.monotonic() - started < HEAD_SECONDS + 5
+    assert time.monotonic() - started < HEAD_SECONDS + 8
     # The next request on a kept-alive connection gets the same deadline, from its own first byte.
     with socket.create_connection(("127.0.0.1", server.port), timeout=HEAD_SECONDS + 10) as sock:
         sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(2)  # the whole answer is in
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _one_answer(sock).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         sock.sendall(b"GET /api/ HTTP/1.1\r\nHost: x\r\n")
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408") and b"headers took more than" in answer
-        assert HEAD_SECONDS - 1 < time.monotonic() - started < HEAD_SECONDS + 5
+        assert HEAD_SECONDS - 1 < time.monotonic() - started < HEAD_SECONDS + 8
 
 
 def test_half_open_connections_do_not_shut_out_other_clients(server: Server) -> None:
@@ -644,9 +652,9 @@ def test_a_client_that_pipelines_without_reading_is_disconnected(server: Server)
     assert server.get("/api/").status_code == 200
 
 
-def _tree_rss_mib(pid: int) -> float:
+def _tree_rss_mib(server: Server) -> float:
     total = 0.0
-    for each in [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+    for each in server.pids():
         for line in Path(f"/proc/{each}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1]) / 1024
@@ -660,11 +668,11 @@ def test_forwarded_for_headers_from_untrusted_peers_are_not_kept(make_server: Ca
     server = make_server(base_config(tmp_path, IP_WHITELIST=["10.9.9.9"]))
     assert server.process is not None
     server.get("/api/")
-    before = _tree_rss_mib(server.process.pid)
+    before = _tree_rss_mib(server)
     for i in range(1_000):
         answer = requests.get(server.url + "/api/", headers={"X-Forwarded-For": f"{i}," + "1" * 60_000}, timeout=30)
         assert answer.status_code == 403
-    assert _tree_rss_mib(server.process.pid) - before < 25
+    assert _tree_rss_mib(server) - before < 25
 
 
 FLOOD = """
@@ -718,7 +726,7 @@ def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: P
             server.start()
             flood = subprocess.Popen(["ip", "netns", "exec", "dsmflood", sys.executable, "-c", FLOOD, host,
                                       str(server.port), "3000", "4"])
-            waits = []
+            waits: list[float] = []
             while flood.poll() is None and len(waits) < 100:
                 started = time.monotonic()
                 assert requests.get(server.url + "/api/", timeout=30).status_code == 200
@@ -728,7 +736,9 @@ def test_a_connection_flood_from_a_refused_host_takes_no_descriptors(tmp_path: P
             assert server.get("/api/").status_code == 200
         finally:
             server.stop()
-    assert len(waits) >= 10 and max(waits) < 1.0, waits
+    # answered throughout: a shut-out client waits for a descriptor (tens of seconds) or fails; one stall of a
+    # loaded machine is not that
+    assert len(waits) >= 10 and sorted(waits)[len(waits) // 2] < 1.0 and max(waits) < 10, waits
     log = server.log()
     assert "out of system resource" not in log and "Too many open files" not in log, log[-2000:]
 
@@ -782,16 +792,16 @@ def test_listing_jobs_with_large_details_holds_one_at_a_time(server: Server) -> 
     bodies go back to the system once handled (glibc kept them: +700 MiB for good)."""
     assert server.process is not None
     blob = "x" * (12 * 1024 * 1024)
-    idle = _tree_rss_mib(server.process.pid)
+    idle = _tree_rss_mib(server)
     keys = [server.submit("fake_local", [], blob=blob)["key"] for _ in range(6)]
     for key in keys:
         server.wait_final(key)
-    after_submits = _tree_rss_mib(server.process.pid)
+    after_submits = _tree_rss_mib(server)
     peak, received = after_submits, 0
     with requests.get(f"{server.url}/jobs/", stream=True, timeout=60) as answer:
         for chunk in answer.iter_content(1024 * 1024):
             received += len(chunk)
-            peak = max(peak, _tree_rss_mib(server.process.pid))
+            peak = max(peak, _tree_rss_mib(server))
     assert received > 6 * len(blob)
     assert after_submits - idle < 150, (idle, after_submits)
     assert peak - after_submits < 120, (after_submits, peak)

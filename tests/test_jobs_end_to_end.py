@@ -138,7 +138,7 @@ def test_pass_key_lets_the_container_report_progress(server: Server) -> None:
 
 
 def test_a_container_posting_complete_cannot_end_the_job_or_invent_a_status(server: Server) -> None:
-    answer = server.submit("fake_local", ["--progress", "2", "--post-status", "complete", "--sleep", "1",
+    answer = server.submit("fake_local", ["--progress", "2", "--post-status", "complete", "--sleep", "5",
                                           "--exit", "4"], pass_key=True)
     wait_until(lambda: server.job(answer["key"])["processed_records"] == 2, 20)
     assert server.job(answer["key"])["status"] == "running"
@@ -151,7 +151,7 @@ def test_status_update_needs_key_and_status_and_applies_what_it_can(server: Serv
     assert missing.status_code == 400 and missing.json()["status"] == "error" and missing.json()["message"]
     assert server.post("/status_update/?key=1").status_code == 400
     assert server.post("/status_update/?key=999999&status=running").json() == {"status": "success"}  # ignored
-    answer = server.submit("fake_local", ["--sleep", "3"])
+    answer = server.submit("fake_local", ["--sleep", "8"])
     server.wait_status(answer["key"], "running")
     ok = server.post(f"/status_update/?key={answer['key']}&status=running&message=hi&processed_records=x")
     assert ok.status_code == 200 and ok.json() == {"status": "success"}

@@ -47,10 +47,11 @@ def known(cluster: SlurmCluster, job_id: int) -> dict[str, str]:
 
 
 def running(client: docker.DockerClient, label: str) -> list[str]:
-    return [c.name for c in client.containers.list(filters={"label": label})]
+    return [c.name for c in client.containers.list(filters={"label": label}, ignore_removed=True)]
 
 
 def test_a_batch_job_runs_on_each_node_and_its_output_file_appears(cluster: SlurmCluster) -> None:
+    cluster.wait_nodes_idle(60)  # the cluster is shared: an earlier test's jobs may still be completing
     assert cluster.node_states() == dict.fromkeys(cluster.nodes, "idle")
     for node in cluster.nodes:
         job_id = cluster.submit("-w", node, "--wrap", "echo hi; hostname")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def test_gpu_tasks_wait_for_the_one_declared_card(make_tes: Callable[..., Tes],
                    GPU_DEVICE_MODE="environment")
     whole_card = {"backend_parameters": {"gpus": "1"}}
     own = unique()
-    first = env.api.create({"executors": [executor("sleep", "3", env={"MARK": own})], "resources": whole_card})
+    first = env.api.create({"executors": [executor("sleep", "10", env={"MARK": own})], "resources": whole_card})
     env.api.wait(first, {"RUNNING"}, 30)
     second = env.api.create(echo_task("second", resources=whole_card))
     container = container_with_env(docker_client, env.server.instance, f"MARK={own}")
@@ -296,7 +297,7 @@ def test_gpu_tasks_wait_for_the_one_declared_card(make_tes: Callable[..., Tes],
 
 def test_tes_tasks_and_4cat_jobs_share_one_capacity(make_tes: Callable[..., Tes]) -> None:
     env = make_tes(MAX_CONCURRENT_JOBS=1)
-    key = env.server.submit("fake_local", ["--sleep", "3"])["key"]
+    key = env.server.submit("fake_local", ["--sleep", "10"])["key"]
     env.server.wait_status(key, "running")
     task_id = env.api.create(echo_task("after 4cat"))
 
@@ -379,7 +380,9 @@ def test_a_task_whose_end_a_crash_kept_from_its_record_completes_with_its_output
             return row is not None and row[0] == 1 and row[1] is not None
 
         wait_until(second_recorded, 30, 0.05, "the second executor's start recorded")
-        time.sleep(0.5)  # the rest of its start's writes
+        job_id = db.execute("SELECT id FROM jobs WHERE task_id = ?", (task_id,)).fetchone()[0]
+        wait_until(lambda: re.search(rf"job {job_id} started: .* \(step 1\)", env.server.log()), 30, 0.05,
+                   "the last write of the second executor's start")  # its log line comes after it
         db.execute("BEGIN EXCLUSIVE")  # from here no write gets through, the task's end included
         wait_until(out.exists, 30, 0.05, "the outputs copied")
         time.sleep(0.5)
