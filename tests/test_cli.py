@@ -357,8 +357,10 @@ def test_the_demo_fails_in_one_line_with_the_clis_exit_codes_and_uploads_nothing
 
 
 def test_interrupting_submit_wait_says_the_job_goes_on(server: Server) -> None:
+    # As from a terminal: a suite started in the background (`pytest &`) hands its children SIGINT ignored.
     waiting = subprocess.Popen([str(DSM), "submit", "fake_local", "--wait", "--server", server.url, "--",
-                                "--sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     key = wait_until(lambda: next((j["id"] for j in server.get("/jobs/?status=running").json()["jobs"]), None),
                      30, what="the job to run")
     waiting.send_signal(signal.SIGINT)
