@@ -248,7 +248,7 @@ def test_a_command_the_image_lacks_ends_the_job_with_code_127_and_says_which(mak
 def test_an_argument_list_too_long_for_the_kernel_ends_in_a_clear_error(server: Server, args: list[str]) -> None:
     job = server.wait_final(server.submit("fake_local", args)["key"])
     assert job["status"] == "error"
-    assert "argument list as too long" in json.loads(job["results"])["error"]
+    assert "refuses the container's argument list as too long" in json.loads(job["results"])["error"]
     assert json.loads(job["results"])["returncode"] != 0
 
 

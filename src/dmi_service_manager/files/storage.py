@@ -202,6 +202,14 @@ class Storage:
         finally:
             os.close(fd)
 
+    def is_folder(self, parts: Parts) -> bool:
+        """Whether `parts` is a folder (reached without following a symlink)."""
+        try:
+            with self._dir(parts):
+                return True
+        except NotFound:
+            return False
+
     def ensure_dir(self, parts: Parts) -> None:
         with self._dir(parts, create=True):
             pass
@@ -219,6 +227,8 @@ class Storage:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise NotFound(f"{display(parts)} is a folder, not a file")
             raise NotFound(f"file {display(parts)} does not exist")
         os.set_blocking(fd, True)
         return OpenFile(fd=fd, size=info.st_size, mtime=info.st_mtime, inode=info.st_ino, device=info.st_dev)
@@ -230,6 +240,8 @@ class Storage:
         with self._dir(parts) as top:
             longest = MAX_PATH_BYTES - len(display(parts).encode()) - 2  # room for a file name's slash
             tree = {key: sorted(entry.name for entry in files) for key, _, files in _walk(top, longest)}
+        if not parts:  # the root's staging folder is this server's, never a client's
+            tree = {k: v for k, v in tree.items() if k != STAGING_DIR and not k.startswith(STAGING_DIR + "/")}
         return dict(sorted(tree.items()))
 
     # -- writing

@@ -10,13 +10,23 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import BadRequest
+from ..runtime.base import check_argv
+from .patterns import has_wildcard
 
 MAX_CONTENT_BYTES = 1024 * 1024
 MIN_RAM_GB = 6 * 1024 * 1024 / 1e9
-WILDCARDS = frozenset("*?[")
 RESERVED = ("/proc", "/sys", "/dev", "/.dsm")
 
 
@@ -42,10 +52,6 @@ def container_path(value: str) -> str:
 ContainerPath = Annotated[str, AfterValidator(container_path)]
 
 
-def has_wildcard(path: str) -> bool:
-    return any(ch in WILDCARDS for ch in path)
-
-
 class _Model(BaseModel):
     # Clients send fields of newer or older versions of the spec; those we do not know are ignored.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -59,7 +65,7 @@ class Executor(_Model):
     stdout: str | None = None
     stderr: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    ignore_error: bool = False
+    ignore_error: StrictBool = False  # "yes" is no boolean
 
     @field_validator("command")
     @classmethod
@@ -89,18 +95,24 @@ class Input(_Model):
     path: str
     type: Literal["FILE", "DIRECTORY"] = "FILE"
     content: str | None = Field(None, max_length=MAX_CONTENT_BYTES)
-    streamable: bool | None = None
+    streamable: StrictBool | None = None
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         return container_path(value)
 
+    @property
+    def literal(self) -> bool:
+        """Whether the input is its `content`: the spec ignores the url only for a content that is not empty
+        (an empty content with no url is an empty file)."""
+        return bool(self.content) or (self.content is not None and not self.url)
+
     @model_validator(mode="after")
     def _source(self) -> Input:
         if self.content is None and not self.url:
             raise ValueError("url: an input needs a url or a content")
-        if self.content is not None and self.type == "DIRECTORY":
+        if self.literal and self.type == "DIRECTORY":
             raise ValueError("type: an input with a content is a FILE")
         if self.content is not None:
             try:
@@ -130,21 +142,21 @@ class Output(_Model):
         if has_wildcard(self.path):
             if self.path_prefix is None:
                 raise ValueError("path_prefix: required, because the path has wildcards")
-            if not self.path.startswith(self.path_prefix.rstrip("/") + "/"):
-                raise ValueError("path_prefix: must be a folder that the path starts with")
             if has_wildcard(self.path_prefix):
                 raise ValueError("path_prefix: must not have wildcards")
+            if not self.path.startswith(self.path_prefix.rstrip("/") or "/"):  # "/data/", or "/data/sample_"
+                raise ValueError("path_prefix: must be the start of the path")
         return self
 
 
 class Resources(_Model):
     cpu_cores: int | None = Field(None, ge=1, le=4096)
-    preemptible: bool | None = None
+    preemptible: StrictBool | None = None
     ram_gb: float | None = Field(None, gt=0, le=1024 * 1024)
     disk_gb: float | None = Field(None, gt=0, le=1024 * 1024 * 1024)
     zones: list[str] | None = None
     backend_parameters: dict[str, str] = Field(default_factory=dict)
-    backend_parameters_strict: bool = False
+    backend_parameters_strict: StrictBool = False
 
 
 class Task(_Model):
@@ -205,6 +217,9 @@ def _cannot_run(task: Task) -> tuple[str, str] | None:
     for field, path in paths:
         if any(len(part.encode()) > 255 for part in path.split("/")):
             return field, "has a name longer than 255 bytes, more than a file system takes"
+    for index, executor in enumerate(task.executors):
+        if problem := check_argv(executor.command, "Pass long data to the task as an input instead."):
+            return f"executors[{index}].command", problem
     if task.resources and task.resources.ram_gb is not None and task.resources.ram_gb < MIN_RAM_GB:
         return "resources.ram_gb", f"must be at least {MIN_RAM_GB:.4f} (6 MiB, the least Docker takes)"
     return _unmountable(task, paths)

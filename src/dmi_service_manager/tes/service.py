@@ -20,7 +20,8 @@ from ..jobs.model import Job, Kind
 from ..jobs.service import JobService
 from ..jobs.store import NewJob, Store, TaskFilter
 from .images import image_allowed
-from .schema import Task, has_wildcard, parse_task
+from .patterns import has_wildcard
+from .schema import Task, parse_task
 from .states import STATES, state_of
 from .transfer import OUTPUT_SCHEMES, FileRoots, HttpPolicy, check_syntax, scheme_of
 from .workload import rfc3339
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_PARAMETERS = ("gpus", "gpu_memory", "timeout")
 DEFAULT_PAGE_SIZE = 256
-MAX_PAGE_SIZE = 2048
+MAX_PAGE_SIZE = 2047  # the spec: "must be less than 2048"
 VIEWS = ("MINIMAL", "BASIC", "FULL")
 _SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")  # ASCII digits: float() would take 1_0 or inf
 
@@ -66,14 +67,14 @@ class TesService:
     # -- create
 
     def create(self, body: Any, who: str) -> str:
-        task = parse_task(body)
+        task = self._with_input_types(parse_task(body), body)
         for index, executor in enumerate(task.executors):
             if not image_allowed(executor.image, self.config.tes_allowed_images):
                 field = f"executors[{index}].image"
                 raise BadRequest(f"{field}: {executor.image!r} is not in this server's TES_ALLOWED_IMAGES",
                                  extra={"field": field})
         for index, item in enumerate(task.inputs):
-            if item.content is None and item.url:
+            if not item.literal and item.url:
                 check_syntax(item.url, f"inputs[{index}].url")
                 self._check_input(index, item.url, item.type)
         for index, output in enumerate(task.outputs):
@@ -119,6 +120,25 @@ class TesService:
         log.info("TES task %s stored as job %s for %s", task_id, job.id, who)
         return task_id
 
+    def _with_input_types(self, task: Task, body: dict[str, Any]) -> Task:
+        """The spec has the server fill in an input's `type` where the client left it out: a file:// URL that
+        names a folder is a DIRECTORY, known now (and the folders a task mounts follow from it)."""
+        folders = []
+        for index, item in enumerate(task.inputs):
+            if "type" in item.model_fields_set or item.literal or not item.url:
+                continue
+            check_syntax(item.url, f"inputs[{index}].url")  # before anything takes it apart
+            if scheme_of(item.url) != "file":
+                continue
+            where = self.roots.locate(item.url, f"inputs[{index}].url", folder=True)
+            if where.storage.is_folder(where.parts):
+                folders.append(index)
+        if not folders:
+            return task
+        inputs = [{**item, "type": "DIRECTORY"} if index in folders else item
+                  for index, item in enumerate(body["inputs"])]
+        return parse_task({**body, "inputs": inputs})
+
     def _check_cpus(self, wanted: int) -> None:
         backend = self.jobs.backend
         try:
@@ -133,7 +153,7 @@ class TesService:
         field = f"inputs[{index}].url"
         scheme = scheme_of(url)
         if scheme == "file":
-            self.roots.locate(url, field)
+            self.roots.locate(url, field, folder=kind == "DIRECTORY")
         elif scheme in ("http", "https"):
             if kind == "DIRECTORY":
                 raise BadRequest(f"{field}: a DIRECTORY input cannot come from an {scheme}:// URL",

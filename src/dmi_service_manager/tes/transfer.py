@@ -42,6 +42,9 @@ def check_syntax(url: str, field: str) -> None:
         split_url(url)
     except ValueError as exc:
         raise BadRequest(f"{field}: {url[:200]!r} is not a valid URL: {exc}", extra={"field": field}) from None
+    if "@" in urlsplit(url).netloc:  # a task is shown to every reader, its URLs included
+        raise BadRequest(f"{field}: a URL must not carry a user name or password; every reader of the task would"
+                         " see them", extra={"field": field})
 
 
 def scheme_of(url: str) -> str:
@@ -71,8 +74,9 @@ class FileRoots:
     def urls(self) -> list[str]:
         return [f"file://{storage.root}" for storage in self.storages]
 
-    def locate(self, url: str, field: str) -> Location:
-        """Where a file:// URL points, or a BadRequest naming the field when it is outside every root."""
+    def locate(self, url: str, field: str, *, folder: bool = False) -> Location:
+        """Where a file:// URL points, or a BadRequest naming the field when it is outside every root.
+        A `folder` (a DIRECTORY input) may be a root itself; a file never is one."""
         if url.startswith("/"):
             path = url
         else:
@@ -83,6 +87,11 @@ class FileRoots:
             path = unquote(parts.path)
         for storage in self.storages:
             root = str(storage.root).rstrip("/")
+            if path.rstrip("/") == root:
+                if folder:
+                    return Location(storage, ())
+                raise BadRequest(f"{field}: {path!r} is a folder of TES_FILE_ROOTS itself, not a file in it",
+                                 extra={"field": field})
             if path.startswith(root + "/"):
                 try:
                     return Location(storage, split_path(path[len(root) + 1:], field))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..files.storage import Parts, Storage, remove_tree
 from ..runtime.base import Mount
-from .schema import Task, has_wildcard
+from .patterns import has_wildcard
+from .schema import Task
 
 
 def _is_under(path: str, folder: str) -> bool:

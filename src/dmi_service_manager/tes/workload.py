@@ -7,9 +7,9 @@ step, so a restart of this server resumes at the right executor with the log of 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
+import posixpath
 import shlex
 import shutil
 import socket
@@ -24,7 +24,8 @@ from ..jobs.model import Failure, Job, JobStatus, error_results
 from ..jobs.workload import CannotRun, Ended, NextStep, StepExit, exit_failure
 from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec, Mount, StartFailed
 from .images import image_allowed
-from .schema import Output, Task, has_wildcard
+from .patterns import has_wildcard, path_matches
+from .schema import Input, Output, Task
 from .transfer import FileRoots, HttpPolicy, TransferFailed, copy_in, copy_out, scheme_of, write_file
 from .workarea import WorkArea, remove_area, wildcard_base
 
@@ -119,30 +120,30 @@ class TesWorkload:
         try:
             area.create()
             for index, item in enumerate(task.inputs):
-                self._stage(index, item.model_dump(), area)
+                self._stage(index, item, area)
         except TransferFailed as exc:
             raise CannotRun(str(exc), Failure.INPUT) from None
         except OSError as exc:
             raise CannotRun(f"staging inputs failed: {exc}", Failure.INPUT) from None
         log.info("task %s (job %s): %d input(s) staged", job.task_id, job.id, len(task.inputs))
 
-    def _stage(self, index: int, item: dict[str, Any], area: WorkArea) -> None:
-        target = area.input_target(item["path"])
+    def _stage(self, index: int, item: Input, area: WorkArea) -> None:
+        target = area.input_target(item.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         field = f"inputs[{index}]"
-        if item.get("content") is not None:
-            write_file(target, [item["content"].encode("utf-8")])
+        if item.literal or not item.url:
+            write_file(target, [(item.content or "").encode("utf-8")])
             return
-        url = item["url"]
+        url = item.url
         scheme = scheme_of(url)
         if scheme == "file":
             try:
-                source = self.roots.locate(url, f"{field}.url")
+                source = self.roots.locate(url, f"{field}.url", folder=item.type == "DIRECTORY")
             except DsmError as exc:
                 raise TransferFailed(exc.message) from None
-            copy_in(source, item.get("type") == "DIRECTORY", target)
+            copy_in(source, item.type == "DIRECTORY", target)
         elif scheme in ("http", "https"):
-            if item.get("type") == "DIRECTORY":
+            if item.type == "DIRECTORY":
                 raise TransferFailed(f"{field}: a DIRECTORY input cannot come from an {scheme}:// URL")
             self.http.fetch(url, target)
         else:
@@ -254,10 +255,10 @@ class TesWorkload:
     def _collect_one(self, output: Output, area: WorkArea) -> list[dict[str, str]]:
         if has_wildcard(output.path):
             base = wildcard_base(output.path)
-            pattern = output.path.split("/")
             prefix = (output.path_prefix or "").rstrip("/")
-            matches = [p for p in _files_below(area, base) if _glob(pattern, p.split("/"))]
-            return [self._copy(area, path, output.url.rstrip("/") + "/" + path[len(prefix):].lstrip("/"))
+            matches = [p for p in _files_below(area, base) if path_matches(output.path, p)]
+            return [self._copy(area, path, output.url.rstrip("/") + "/" + (path[len(prefix):].lstrip("/")
+                                                                            or posixpath.basename(path)))
                     for path in sorted(matches)]
         if output.type == "DIRECTORY":
             return [self._copy(area, path, output.url.rstrip("/") + "/" + path[len(output.path):].lstrip("/"))
@@ -283,7 +284,9 @@ def _environment(env: dict[str, str], gpu_ids: list[str], *, engine_places: bool
 
 def _started(job: Job) -> dict[str, Any]:
     task_log = dict(job.task_log)
-    task_log.setdefault("start_time", rfc3339(job.started_at or job.claimed_at))
+    # the task began when it was taken from the queue (its inputs are staged before any executor starts)
+    began = [t for t in (job.claimed_at, job.started_at) if t is not None]
+    task_log.setdefault("start_time", rfc3339(min(began)) if began else None)
     task_log.setdefault("metadata", {"host": socket.gethostname(), "job_id": str(job.id)})
     return task_log
 
@@ -298,9 +301,5 @@ def _files_below(area: WorkArea, folder: str) -> list[str]:
     top = folder.rstrip("/")
     return [f"{top}/{name}" if sub == "." else f"{top}/{sub}/{name}" for sub, names in tree.items() for name in names]
 
-
-def _glob(pattern: list[str], parts: list[str]) -> bool:
-    """POSIX pathname matching: a wildcard never matches a `/`."""
-    return len(pattern) == len(parts) and all(fnmatch.fnmatchcase(p, q) for q, p in zip(pattern, parts, strict=True))
 
 
