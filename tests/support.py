@@ -35,6 +35,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+DSM = Path(sys.executable).parent / "dsm"
+
+
+def dsm(*args: str, token: str | None = None, cwd: Path | None = None, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed `dsm` console script, with neither DSM_SERVER nor DSM_TOKEN from the test's environment
+    (`token` and `env` set what a test wants)."""
+    assert DSM.exists(), f"{DSM} is missing: run `bash scripts/setup.sh`"
+    environment = {k: v for k, v in os.environ.items() if k not in ("DSM_SERVER", "DSM_TOKEN")}
+    environment.update(env or {})
+    if token is not None:
+        environment["DSM_TOKEN"] = token
+    return subprocess.run([str(DSM), *args], capture_output=True, text=True, env=environment, cwd=cwd,
+                          timeout=timeout)
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,7 @@ from typing import Any
 import pytest
 
 from dmi_service_manager.cli.transfer import _bad_component, _server_parts
-from support import Server, base_config, free_port, wait_until
-
-DSM = Path(sys.executable).parent / "dsm"
-
-
-def dsm(*args: str, token: str | None = None, cwd: Path | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The installed `dsm`, with neither DSM_SERVER nor DSM_TOKEN from the test's environment."""
-    assert DSM.exists(), f"{DSM} is missing: run `bash scripts/setup.sh`"
-    env = {k: v for k, v in os.environ.items() if k not in ("DSM_SERVER", "DSM_TOKEN")}
-    if token is not None:
-        env["DSM_TOKEN"] = token
-    return subprocess.run([str(DSM), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+from support import DSM, Server, base_config, dsm, free_port, wait_until
 
 
 def as_json(done: subprocess.CompletedProcess[str]) -> Any:
@@ -352,7 +339,8 @@ def test_the_demo_fails_in_one_line_with_the_clis_exit_codes_and_uploads_nothing
     closed = make_server(REQUIRE_TOKEN=True)
     assert "401" in one_line_error(dsm("demo", "--server", closed.url, cwd=tmp_path), 4)
     server = make_server()  # its config has no ocr service
-    assert "offers no ocr_remote endpoint" in one_line_error(dsm("demo", "--server", server.url, cwd=tmp_path), 5)
+    refused = one_line_error(dsm("demo", "--server", server.url, cwd=tmp_path), 5)
+    assert "offers neither ocr_remote nor whisper_remote" in refused
     assert server.get("/api/collections").json()["collections"] == []
 
 

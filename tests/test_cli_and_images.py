@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,7 @@ import docker
 import pytest
 
 from dmi_service_manager.runtime.images import RECIPE_LABEL, build_service, recipe_hash
-from support import OCR, Server, free_port, wait_until
-
-
-def dsm(*args: str, cwd: Path | None = None, timeout: float = 120,
-        token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DSM_SERVER", "DSM_TOKEN")}
-    if token is not None:
-        env["DSM_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "dmi_service_manager", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env)
+from support import OCR, Server, dsm, free_port, wait_until
 
 
 def test_submit_wait_jobs_logs_and_cancel_from_the_command_line(server: Server) -> None:

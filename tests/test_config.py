@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ import yaml
 
 from dmi_service_manager.config import LoadedConfig, load_config
 from dmi_service_manager.errors import ConfigError
+from support import dsm
 
 ORIGINAL_EXAMPLE = """\
 # Rename/copy this file as config.yml and edit as necessary
@@ -60,11 +58,6 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yml"
     path.write_text(text.format(uploads=tmp_path / "uploads", fourcat=tmp_path / "4cat"))
     return path
-
-
-def dsm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dmi_service_manager", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=60, env={**os.environ, **(env or {})})
 
 
 def test_the_originals_example_config_loads_unchanged(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import yaml
 
 from dmi_service_manager.runtime.images import build_service, image_file
 from fourcat import FourCat
-from support import ROOT, Server, base_config
+from support import ROOT, Server, base_config, dsm, wait_until
 
 WHISPER = "dsm-whisper:latest"
 DEFAULT_CONFIG = ROOT / "src" / "dmi_service_manager" / "defaults" / "config.yml"
@@ -251,20 +251,54 @@ def test_silence_a_corrupt_an_empty_and_a_missing_file_each_get_a_valid_result(
     for name in names:
         (folder / name).write_bytes((clips / name).read_bytes())
     args = [f"data/mixed/{name}" for name in names] + ["data/mixed/missing.wav"]
-    key = whisper_server.submit("whisper_local", four_cat_body("data/mixed/out", args)["args"])["key"]
+    key = whisper_server.submit("whisper_local", four_cat_body("data/mixed/out", args)["args"], pass_key=True)["key"]
     job = whisper_server.wait_final(key, JOB_SECONDS)
     assert job["status"] == "complete", results_of(job)
+    # what 4CAT shows the researcher: the files that could not be read are not counted as transcribed
+    assert job["message"] == "Transcribed 2 of 5 audio files (3 could not be read)"
     out = folder / "out"
     found = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
     assert sorted(found) == ["broken.json", "empty.json", "missing.json", "silence.json", "two.json"]
     assert word_error_rate(CLIPS["two.mp3"], found["two.json"]["text"]) <= 0.5
     assert found["silence.json"]["text"] == "" and found["silence.json"]["segments"] == []
-    for name, reason in (("broken", "could not be decoded"), ("empty", "could not be decoded"),
+    for name, reason in (("broken", "could not be decoded"), ("empty", "the file is empty (0 bytes)"),
                          ("missing", "file not found")):
         result = found[f"{name}.json"]
         assert result["text"] == "" and result["segments"] == [], result
         assert len(result["errors"]) == 1 and reason in result["errors"][0], result
     assert "2 of 5 file(s) transcribed, 3 failed" in results_of(job)["report"]
+
+
+def test_inputs_that_share_a_stem_are_named_by_their_order_not_by_which_finishes_first(
+        whisper_server: Server, clips: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "4cat" / "stems"
+    folder.mkdir(parents=True)
+    (folder / "fox.mp3").write_bytes((clips / "two.mp3").read_bytes())  # the longer clip: it finishes last
+    (folder / "fox.wav").write_bytes((clips / "speech one.wav").read_bytes())
+    args = ["data/stems/fox.mp3", "data/stems/fox.wav", "data/stems/sub/fox.wav"]
+    (folder / "sub").mkdir()
+    (folder / "sub" / "fox.wav").write_bytes((clips / "speech one.wav").read_bytes())
+    key = whisper_server.submit("whisper_local", four_cat_body("data/stems/out", args, model="tiny.en")["args"])["key"]
+    assert whisper_server.wait_final(key, JOB_SECONDS)["status"] == "complete"
+    found = {p.name: json.loads(p.read_text())["text"] for p in (folder / "out").iterdir()}
+    assert sorted(found) == ["fox.json", "fox.wav-2.json", "fox.wav.json"]
+    assert word_error_rate(CLIPS["two.mp3"], found["fox.json"]) <= 0.5, found  # the first argument's
+
+
+def test_a_cancelled_job_stops_at_once_rather_than_being_killed(whisper_server: Server, tmp_path: Path,
+                                                                docker_client: docker.DockerClient) -> None:
+    """The service runs as the container's process 1: it must handle SIGTERM itself, or every cancel and
+    timeout would wait out the grace period and end in SIGKILL (exit 137)."""
+    folder = tmp_path / "4cat" / "long"
+    render(docker_client, folder, {"long.wav": " ".join(CLIPS.values()) * 6})  # minutes of speech
+    key = whisper_server.submit("whisper_local", four_cat_body("data/long/out", ["data/long/long.wav"])["args"])["key"]
+    wait_until(lambda: "whisper: running" in whisper_server.get(f"/api/jobs/{key}/logs").text, JOB_SECONDS,
+               what="the model loaded")
+    assert whisper_server.delete(f"/api/jobs/{key}").status_code == 202
+    job = whisper_server.wait_final(key, 60)
+    results = results_of(job)
+    assert job["status"] == "error" and results["returncode"] == 143, results  # 128 + SIGTERM: not killed
+    assert "whisper: stopped by SIGTERM" in results["error"]
 
 
 def test_a_job_where_no_file_can_be_read_ends_in_error(whisper_server: Server, clips: Path, tmp_path: Path) -> None:
@@ -360,6 +394,14 @@ def test_a_gpu_without_the_cuda_libraries_names_the_gpu_variant(docker_client: d
 @pytest.fixture
 def speech_samples(whisper_image: str) -> Iterator[dict[str, bytes]]:
     yield {Path(name).name: data for name, data in image_file(WHISPER, "/app/samples").items()}
+
+
+def test_the_demo_runs_what_a_whisper_only_server_offers(whisper_server: Server, tmp_path: Path) -> None:
+    done = dsm("demo", "--server", whisper_server.url, "--out", str(tmp_path / "results"), cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "no ocr_remote endpoint; skipping OCR" in done.stderr
+    assert "Whisper job" in done.stdout and "heard:" in done.stdout
+    assert any((tmp_path / "results-whisper").iterdir())
 
 
 def test_the_image_carries_spoken_samples_and_their_text(speech_samples: dict[str, bytes]) -> None:

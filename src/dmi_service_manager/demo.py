@@ -94,9 +94,21 @@ def _download(client: Client, folder: str, name: str, download_to: Path) -> dict
 def run_demo(client: Client, download_to: Path) -> int:
     """`client`: the server, with a token where it requires one (a `submit` token will do)."""
     offered = _endpoints(client)  # before anything is uploaded: a refusal leaves nothing behind
-    if "ocr_remote" not in offered:
-        raise CliError(f"demo: {client.base} offers no ocr_remote endpoint (its config has no ocr service with"
-                       " remote: True)", NOT_FOUND)
+    if "ocr_remote" not in offered and "whisper_remote" not in offered:
+        raise CliError(f"demo: {client.base} offers neither ocr_remote nor whisper_remote (its config has no ocr or"
+                       " whisper service with remote: True)", NOT_FOUND)
+    if "ocr_remote" in offered:
+        _ocr_demo(client, download_to)
+    else:
+        print("demo: the server has no ocr_remote endpoint; skipping OCR", file=sys.stderr)
+    if "whisper_remote" in offered:
+        _speech_demo(client, download_to.with_name(download_to.name + "-whisper"), alone="ocr_remote" not in offered)
+    else:
+        print("demo: the server has no whisper_remote endpoint; skipping speech to text", file=sys.stderr)
+    return 0
+
+
+def _ocr_demo(client: Client, download_to: Path) -> None:
     try:
         samples = {name: data for name, data in _samples(SAMPLES_IMAGE).items() if name.endswith(".png")}
     except docker.errors.ImageNotFound:
@@ -112,18 +124,17 @@ def run_demo(client: Client, download_to: Path) -> int:
         result = _download(client, f"{collection}/{results}", name, download_to)
         text = result.get("simplified_text", {}).get("raw_text") if result.get("success") else result.get("error")
         print(f"--- {result['filename']} ({result['model_type']})\n{text}\n")
-    if "whisper_remote" in offered:
-        _speech_demo(client, download_to.with_name(download_to.name + "-whisper"))
-    else:
-        print("demo: the server has no whisper_remote endpoint; skipping speech to text", file=sys.stderr)
-    return 0
 
 
-def _speech_demo(client: Client, download_to: Path) -> None:
-    """The spoken samples through whisper_remote, as 4CAT's "Audio to text" sends them (model small)."""
+def _speech_demo(client: Client, download_to: Path, *, alone: bool) -> None:
+    """The spoken samples through whisper_remote, as 4CAT's "Audio to text" sends them (model small).
+    `alone`: the only demo the server offers, so a missing image is the demo's failure, not a skip."""
     try:
         files = _samples(SPEECH_IMAGE)
     except docker.errors.ImageNotFound:
+        if alone:
+            raise CliError(f"demo: the image {SPEECH_IMAGE} is missing; build it on this host: dsm build-service"
+                           " whisper", FAILED) from None
         print(f"demo: {SPEECH_IMAGE} is not built (dsm build-service whisper); skipping speech to text",
               file=sys.stderr)
         return

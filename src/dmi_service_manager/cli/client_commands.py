@@ -339,7 +339,7 @@ def download(collection: str, path: str | None, out: Path | None, server: str, t
 @click.option("--out", default="dsm-data/demo-results", show_default=True,
               help="where to save the OCR results (speech to text's go to <out>-whisper)")
 def demo(server: str, token: str | None, out: str) -> int:
-    """Run the OCR demo (and speech to text, when offered) against a running server and print the text.
+    """Run the OCR and speech-to-text demos that a running server offers and print the text.
     Its samples come from the locally built service images: run it on the server's host."""
     from ..demo import run_demo
 

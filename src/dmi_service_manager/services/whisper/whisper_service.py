@@ -25,6 +25,7 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -461,6 +462,8 @@ class Transcriber:
 
         if not os.path.isfile(path):
             return self.failed(f"file not found: {path}")
+        if os.path.getsize(path) == 0:
+            return self.failed("the file is empty (0 bytes)")
         try:
             with av.open(path) as container:
                 if not container.streams.audio:
@@ -543,22 +546,13 @@ class Publisher:
     """Writes result files so that each appears whole or not at all: an unnamed file (O_TMPFILE) linked
     into place once written, else a file in a hidden folder renamed into place."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, paths: list[str]) -> None:
         self.folder = folder
-        self.lock = threading.Lock()
-        self.taken: dict[str, str] = {}
         self.partial: str | None = None
+        self.names = result_names(paths)
 
     def name_for(self, path: str, kind: str) -> str:
-        """`<stem>.<kind>` as openai-whisper names it; a second input with that stem gets `<name>.<kind>`."""
-        base = os.path.basename(path)
-        stem = os.path.splitext(base)[0] or base
-        with self.lock:
-            name = f"{stem}.{kind}"
-            if self.taken.setdefault(name, path) != path:
-                name = f"{base}.{kind}"
-                self.taken[name] = path
-            return name
+        return f"{self.names[path]}.{kind}"
 
     def publish(self, name: str, data: bytes) -> None:
         target = os.path.join(self.folder, name)
@@ -599,17 +593,38 @@ class Publisher:
                 os.rmdir(self.partial)
 
 
+def result_names(paths: list[str]) -> dict[str, str]:
+    """Each input's result name, without the format's extension, fixed by the order of the arguments (files
+    are transcribed side by side, so the order they finish in is chance): `<stem>` as openai-whisper names
+    it; a later input with a stem already given gets `<name with extension>`, then `<name>-2`, `-3`..."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        if path in names:
+            continue
+        base = os.path.basename(path)
+        stem = os.path.splitext(base)[0] or base
+        name = next(n for n in (stem, base, *(f"{base}-{i}" for i in range(2, len(paths) + 2))) if n not in taken)
+        names[path] = name
+        taken.add(name)
+    return names
+
+
 class Progress:
     def __init__(self, key: str | None, server: str | None, total: int) -> None:
         self.url = f"{server.rstrip('/')}/status_update/" if key and server else None
         self.key, self.total, self.sent_at = key, total, 0.0
 
-    def report(self, done: int, force: bool = False) -> None:
+    def report(self, done: int, failed: int = 0, force: bool = False) -> None:
+        """`done` files of the total are through (4CAT's count), `failed` of them could not be read."""
         if self.url is None or not (force or time.monotonic() - self.sent_at >= PROGRESS_EVERY_SECONDS
                                     or done == self.total):
             return
+        message = f"Transcribed {done - failed} of {self.total} audio files"
+        if failed:
+            message += f" ({failed} could not be read)"
         query = urllib.parse.urlencode({"key": self.key, "status": "running", "processed_records": done,
-                                        "message": f"Transcribed {done} of {self.total} audio files"})
+                                        "message": message})
         try:
             urllib.request.urlopen(urllib.request.Request(f"{self.url}?{query}", data=b"", method="POST"), timeout=5)
         except OSError as exc:
@@ -648,7 +663,7 @@ def run(argv: list[str]) -> int:
         f"{placement.workers} at once, {threads} each) for {len(command.files)} file(s); "
         f"loaded in {time.monotonic() - started:.1f} s")
     os.makedirs(values["output_dir"], exist_ok=True)
-    publisher = Publisher(values["output_dir"])
+    publisher = Publisher(values["output_dir"], command.files)
     kinds = ["txt", "vtt", "srt", "tsv", "json"] if values["output_format"] == "all" else [values["output_format"]]
     progress = Progress(values["database_key"], values["dmi_sm_server"], len(command.files))
     verbose = values["verbose"]
@@ -682,7 +697,7 @@ def run(argv: list[str]) -> int:
                     say(f"[{done}/{len(futures)}] {path}: {result.get('duration', 0):.1f} s of audio in "
                         f"{seconds:.1f} s, language {result.get('language')}: "
                         f"{text[:120] + ('...' if len(text) > 120 else '') or '(no speech)'}")
-                progress.report(done)
+                progress.report(done, failed)
     finally:
         publisher.close()
     elapsed = time.monotonic() - started
@@ -706,5 +721,15 @@ def main(argv: list[str]) -> int:
         return 1
 
 
+def _stopped(signum: int, _frame: Any) -> None:
+    """A stop (`docker stop`, a cancel, a timeout) ends the run at once. The service runs as the container's
+    process 1, which the kernel never ends for a signal it has no handler for: without this, every stop
+    would wait out the server's grace period and end in SIGKILL. Each file written so far is whole."""
+    os.write(2, f"whisper: stopped by {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stopped)
+    signal.signal(signal.SIGINT, _stopped)
     sys.exit(main(sys.argv[1:]))
