@@ -167,3 +167,20 @@ def test_only_result_files_are_left_in_the_results_folder(ocr_server: Server, tm
     key = ocr_server.submit("ocr_remote", four_cat_args("data/clean/out", ["data/clean/in/a.png"])["args"])["key"]
     assert ocr_server.wait_final(key, 60)["status"] == "complete"
     assert FourCat(ocr_server.url).folder_files("clean/out") == {".": ["a.json"]}
+
+
+def test_a_cancelled_job_stops_at_once_rather_than_being_killed(ocr_server: Server, tmp_path: Path,
+                                                                docker_client: docker.DockerClient) -> None:
+    """The service runs as the container's process 1: it must handle SIGTERM itself, or every cancel and
+    timeout would wait out the grace period and end in SIGKILL (exit 137)."""
+    folder = tmp_path / "uploads" / "long" / "images"
+    render(docker_client, folder, "page.png", "A long scanned page of text\\n" * 12, height=1000)
+    body = four_cat_args("data/long/results", ["data/long/images/page.png"] * 300, workers="1")
+    key = ocr_server.post("/api/ocr_remote", json=body).json()["key"]
+    results = tmp_path / "uploads" / "long" / "results"
+    wait_until(lambda: results.exists() and any(results.iterdir()), 120, what="the first result file")
+    assert ocr_server.delete(f"/api/jobs/{key}").status_code == 202
+    job = ocr_server.wait_final(key, 60)
+    outcome = json.loads(job["results"])
+    assert job["status"] == "error" and outcome["returncode"] == 143, outcome  # 128 + SIGTERM: not killed
+    assert "ocr: stopped by SIGTERM" in outcome["error"]
