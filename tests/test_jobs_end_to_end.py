@@ -80,6 +80,13 @@ def test_a_non_zero_exit_ends_the_job_in_error_with_stderr(server: Server) -> No
         FourCat(server.url).poll_until_done(answer["result_url"])
 
 
+def test_an_endpoint_that_is_not_set_up_is_404_naming_those_that_are(server: Server) -> None:
+    response = server.post("/api/fak_local", json={"args": []})
+    assert response.status_code == 404
+    assert response.json()["reason"].startswith("Service not found: no endpoint 'fak_local' is set up")
+    assert "it offers: fake_local, fake_remote" in response.json()["reason"]
+
+
 def test_a_job_answers_202_pending_with_a_clean_absolute_result_url(server: Server) -> None:
     response = server.post("/api/fake_local", json={"args": []})
     body = response.json()

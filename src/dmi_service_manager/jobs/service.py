@@ -112,7 +112,9 @@ class JobService:
 
     def submit(self, endpoint: str, body: Any, query: dict[str, str]) -> Job:
         if endpoint not in self.endpoints:
-            raise NotFound(f"Service not found: no endpoint {endpoint!r} is set up on this server")
+            offered = ", ".join(sorted(self.endpoints)) or "none"
+            raise NotFound(f"Service not found: no endpoint {endpoint!r} is set up on this server (it offers:"
+                           f" {offered})")
         service_name, mode = self.endpoints[endpoint]
         service = self.config.docker_endpoints[service_name]
         if not isinstance(body, dict):
