@@ -91,15 +91,16 @@ def test_an_unknown_or_mistyped_key_refuses_to_start_naming_it(tmp_path: Path, c
     (("GPU_ENABLED: False", "GPU_ENABLED: maybe"), "GPU_ENABLED"),
     (("local: True\n    remote: False", "local: sometimes\n    remote: False"), "DOCKER_ENDPOINTS.whisper.local"),
     (("    data_path: /app/data/\n", "    data_path: app/data\n"), "DOCKER_ENDPOINTS.whisper.data_path"),
-    (("  - png", "  - png\nMAX_CONCURRENT_JOBS: lots"), "MAX_CONCURRENT_JOBS"),
+    (("GPU_ENABLED: False", "GPU_ENABLED: False\nMAX_CONCURRENT_JOBS: lots"), "MAX_CONCURRENT_JOBS"),
     (("TRUSTED_PROXIES: #", "TRUSTED_PROXIES: [not-an-ip] #"), "TRUSTED_PROXIES"),
     (("    command: whisper\n", "    command: whisper 'unclosed\n"), "DOCKER_ENDPOINTS.whisper.command"),
+    (("GPU_ENABLED: False", "GPU_ENABLED: False\nTES_CORS_ORIGINS: [https://example.org/path]"), "TES_CORS_ORIGINS"),
 ])
 def test_a_value_of_the_wrong_type_refuses_to_start_naming_the_key(tmp_path: Path, change: tuple[str, str],
                                                                     message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, ORIGINAL_EXAMPLE.replace(*change)), env={})
-    assert message in caught.value.message
+    assert message in caught.value.message and "not valid YAML" not in caught.value.message
 
 
 def test_a_folder_that_does_not_exist_for_an_enabled_mode_is_refused(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import docker
 import pytest
+import requests
 import tes
 
 from dmi_service_manager.errors import BadRequest
@@ -227,6 +228,30 @@ def test_the_server_fills_in_what_the_client_left_out(make_tes: Callable[..., Te
     secret = env.api.call("POST", "/tasks", json={"inputs": [{"url": "http://me:hunter2@example.org/x",
                                                               "path": "/in/a"}], "executors": [executor("true")]})
     assert "hunter2" not in assert_error(secret, 400, "inputs[0].url")["reason"]
+
+
+def test_browsers_on_the_configured_origins_may_call_tes_and_no_others(make_tes: Callable[..., Tes],
+                                                                        shared: Tes) -> None:
+    """CORS, as the spec asks of a TES API that other web sites use: a preflight needs no token; an answer
+    names the origin only where it is allowed; 4CAT's routes never answer a browser's cross-site call."""
+    site = "https://workflows.example.org"
+    env = make_tes(TES_CORS_ORIGINS=[site])
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = requests.options(env.api.base + "/tasks", headers={"Origin": site, **ask}, timeout=30)
+    assert preflight.status_code == 200 and preflight.headers["Access-Control-Allow-Origin"] == site
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    task_id = env.api.call("POST", "/tasks", json=echo_task("from a browser"), headers={"Origin": site}).json()["id"]
+    read = env.api.call("GET", f"/tasks/{task_id}", headers={"Origin": site})
+    assert read.status_code == 200 and read.headers["Access-Control-Allow-Origin"] == site
+
+    elsewhere = requests.options(env.api.base + "/tasks", headers={"Origin": "https://evil.example", **ask},
+                                 timeout=30)
+    assert "TES_CORS_ORIGINS" in assert_error(elsewhere, 400)["reason"]
+    assert "Access-Control-Allow-Origin" not in env.api.call("GET", "/tasks", headers={
+        "Origin": "https://evil.example"}).headers
+    assert "Access-Control-Allow-Origin" not in env.server.get("/api/", headers={"Origin": site}).headers
+    # unset (the default): no CORS at all
+    assert "Access-Control-Allow-Origin" not in shared.api.call("GET", "/tasks", headers={"Origin": site}).headers
 
 
 def test_a_failing_executor_ends_the_task_unless_its_error_is_ignored(shared: Tes) -> None:

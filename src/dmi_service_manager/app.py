@@ -32,6 +32,7 @@ from .access import AccessPolicy
 from .api import dashboard, files, gpu, health, jobs, metrics, schemas, services, tes
 from .api.auth import Gate, TokenMiddleware
 from .api.http import CALLER_KEY, TRUSTED_PEER_KEY, json_response
+from .api.tes import TesCors
 from .config import Config, load_config
 from .context import AppContext
 from .errors import AnswerCut, BadRequest, DsmError
@@ -326,6 +327,8 @@ def create_app(config: Config, port: int) -> FastAPI:
     # The last added runs first: the allow-list, then tokens.
     app.add_middleware(TokenMiddleware, tokens=context.tokens,
                        gate=Gate(require_token=config.require_token, tes_enabled=config.tes_enabled))
+    if config.tes_enabled and config.tes_cors_origins:
+        app.add_middleware(TesCors, origins=config.tes_cors_origins)
     app.add_middleware(AccessMiddleware, policy=context.policy)
     if config.metrics:
         plain: dict[Any, str] = {}

@@ -221,9 +221,10 @@ class Config(_Model):
     tes_http_max_bytes: int = Field(default=10 * 1024**3, ge=0, alias="TES_HTTP_MAX_BYTES")
     tes_http_timeout: float = Field(default=300, gt=0, alias="TES_HTTP_TIMEOUT")
     tes_default_timeout: float = Field(default=86400, gt=0, alias="TES_DEFAULT_TIMEOUT")
+    tes_cors_origins: list[str] = Field(default_factory=list, alias="TES_CORS_ORIGINS")
 
     @field_validator("trusted_proxies", "ip_whitelist", "tes_http_allowed_networks", "allowed_extensions",
-                     "tes_allowed_images", mode="before")
+                     "tes_allowed_images", "tes_cors_origins", mode="before")
     @classmethod
     def _list_in_a_string(cls, value: Any) -> Any:
         """`IP_WHITELIST: "10.0.0.1, 10.0.0.2"`: the original tested `address in value`, so a string of
@@ -250,6 +251,15 @@ class Config(_Model):
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
         return [str(item).strip() for item in value]
+
+    @field_validator("tes_cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        """What a browser sends as `Origin`: scheme://host[:port], nothing after it (or "*", any site)."""
+        for item in value:
+            if item != "*" and not re.fullmatch(r"https?://[^/\s?#]+", item):
+                raise ValueError(f"{item!r} is not an origin such as https://tes.example.org or http://host:8080")
+        return [item.rstrip("/") for item in value]
 
     @field_validator("tes_file_roots")
     @classmethod

@@ -2,7 +2,8 @@
 
 Every route but service-info needs a bearer token (reading: scope `read`; creating and cancelling:
 `submit`), checked with every other route's in `auth.py`. While TES_ENABLED is false, every TES path
-answers 404 saying so.
+answers 404 saying so. Browsers on the origins in TES_CORS_ORIGINS may call it (CORS, as the spec asks
+of a TES API that other websites use).
 """
 
 from __future__ import annotations
@@ -11,20 +12,54 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import NotFound
+from ..errors import BadRequest, NotFound
 from ..tes.schema import Task
 from ..tes.service import MAX_PAGE_SIZE, VIEWS, TesService
 from ..tes.states import STATES
 from . import params, schemas
+from .auth import TES_PREFIX as PREFIX
 from .auth import acting
 from .http import json_body, json_response
 
-PREFIX = "/ga4gh/tes/v1"
 _JSON: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}},
                                                "description": "as in the official TES v1.1 description"}}
+
+
+class _Cors(CORSMiddleware):
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """Starlette's answer, with a refusal as the usual JSON error (it answers plain text)."""
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        why = bytes(answer.body).decode()
+        refusal = json_response(BadRequest(f"{why} (TES_CORS_ORIGINS names the web sites that may call TES;"
+                                           " they may use GET and POST with Authorization and Content-Type)"
+                                           ).body(), 400)
+        refusal.headers.update({k: v for k, v in answer.headers.items() if k.lower().startswith("access-control")})
+        return refusal
+
+
+class TesCors:
+    """CORS on the TES routes only: 4CAT's routes have no callers in a browser. A preflight is answered here,
+    before the token check (a browser sends it without the Authorization header); the allow-list still
+    comes first."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        self.app = app
+        self.cors = _Cors(app, allow_origins=origins, allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] + "/").startswith(PREFIX + "/"):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 # The spec's names; the service also takes them in lower case, as some clients send them.
