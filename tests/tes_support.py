@@ -364,11 +364,22 @@ class Unsized:
 
 
 @dataclass
+class Slow:
+    """A body sent `count` pieces at a time, `pause` seconds apart, without Content-Length; `finished` once
+    every piece went out."""
+
+    piece: bytes
+    count: int
+    pause: float
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class FileServer:
     """An HTTP server on a loopback address that serves fixed routes and logs each request as 'METHOD /path'."""
 
     host: str = "127.0.0.1"
-    routes: dict[str, bytes | Redirect | Unsized] = field(default_factory=dict)
+    routes: dict[str, bytes | Redirect | Unsized | Slow] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -391,6 +402,19 @@ class FileServer:
                     self.send_header("Location", route.location)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                elif isinstance(route, Slow):
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    for _ in range(route.count):
+                        try:
+                            self.wfile.write(route.piece)
+                            self.wfile.flush()
+                        except OSError:
+                            return  # the client hung up
+                        time.sleep(route.pause)
+                    route.finished.set()
                 elif isinstance(route, Unsized):
                     self.send_response(200)
                     self.send_header("Connection", "close")

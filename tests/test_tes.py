@@ -29,6 +29,7 @@ from support import BUSYBOX, Server, containers_of, wait_until
 from tes_support import (
     FileServer,
     Redirect,
+    Slow,
     Tes,
     TesApi,
     Unsized,
@@ -81,7 +82,8 @@ def make_tes(make_server: Callable[..., Server], tmp_path: Path) -> Callable[...
 def http_files() -> Iterator[Callable[..., FileServer]]:
     servers: list[FileServer] = []
 
-    def start(host: str = "127.0.0.1", routes: dict[str, bytes | Redirect | Unsized] | None = None) -> FileServer:
+    def start(host: str = "127.0.0.1",
+              routes: dict[str, bytes | Redirect | Unsized | Slow] | None = None) -> FileServer:
         servers.append(FileServer(host, dict(routes or {})))
         return servers[-1]
 
@@ -318,6 +320,22 @@ def test_cancel_a_queued_task_and_a_running_one(make_tes: Callable[..., Tes],
     assert env.api.state(queued) == "CANCELED"
     created = container_events(docker_client, env.server.instance, since, ("create",))
     assert len({event["Actor"]["Attributes"][JOB_LABEL] for event in created}) == 1  # only the running task's
+
+
+def test_a_task_cancelled_while_its_inputs_are_copied_stops_copying(make_tes: Callable[..., Tes],
+                                                                     http_files: Callable[..., FileServer],
+                                                                     docker_client: docker.DockerClient) -> None:
+    slow = Slow(b"x" * 1024, count=600, pause=0.1)  # a minute to send
+    web = http_files(routes={"/big": slow})
+    env = make_tes(TES_HTTP_ALLOWED_NETWORKS=["127.0.0.0/8"])
+    task_id = env.api.create({"inputs": [{"url": web.url("/big"), "path": "/in/big"}],
+                              "executors": [executor("echo", "never")]})
+    env.api.wait(task_id, {"INITIALIZING"}, 30)
+    wait_until(lambda: "GET /big" in web.requests, 30, what="the input's download to begin")
+    assert env.api.cancel(task_id).status_code == 200
+    assert env.api.wait(task_id, timeout=60)["state"] == "CANCELED"
+    assert not slow.finished.is_set()  # it did not wait for the whole input
+    assert containers_of(docker_client, env.server.instance) == []  # nor start the executor
 
 
 def test_an_admin_cancels_a_task_by_its_job_id_through_the_api_and_dsm_cancel(shared: Tes) -> None:

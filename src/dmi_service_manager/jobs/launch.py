@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +149,7 @@ class FourCatWorkload:
         self.instance_id = instance_id
         self.server_url = server_url
 
-    def prepare(self, job: Job) -> None:
+    def prepare(self, job: Job, keep_going: Callable[[], bool]) -> None:
         return None
 
     def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:

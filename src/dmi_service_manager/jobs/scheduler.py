@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +265,7 @@ class Scheduler:
         """A claimed job: its workload's preparation, then its first container. In a pool thread."""
         try:
             if job.status == JobStatus.PENDING:  # a running job's start was finished before a crash
-                self.workloads[job.kind].prepare(job)
+                self.workloads[job.kind].prepare(job, self._still_wanted(job.id))
             self._launch(job, gpu_ids)
         except CannotRun as exc:
             log.warning("job %s could not start: %s", job.id, exc.message)
@@ -281,6 +282,20 @@ class Scheduler:
             self._fail(job, f"The server failed to start this job: {exc}", Failure.START)
         finally:
             self._release(job.id)
+
+    def _still_wanted(self, job_id: int) -> Callable[[], bool]:
+        """Whether a job being prepared is still wanted, read from the store at most once a second (a cancel
+        may come through any worker process)."""
+        checked = [time.monotonic()]
+
+        def still_wanted() -> bool:
+            if time.monotonic() - checked[0] < 1.0:
+                return True
+            checked[0] = time.monotonic()
+            current = self.store.get(job_id)
+            return current is not None and not current.stop_reason and not current.status.final
+
+        return still_wanted
 
     def _launch(self, job: Job, gpu_ids: list[str]) -> None:
         """Start the run of the job's current step, never a second one of it."""

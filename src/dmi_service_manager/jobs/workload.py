@@ -8,6 +8,7 @@ staged before the first and outputs collected after the last.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,8 +66,9 @@ class NextStep:
 
 
 class Workload(Protocol):
-    def prepare(self, job: Job) -> None:
-        """Work before the first container (stage inputs); raises StartFailed saying why it cannot."""
+    def prepare(self, job: Job, keep_going: Callable[[], bool]) -> None:
+        """Work before the first container (stage inputs); raises CannotRun saying why it cannot. It stops
+        early, with nothing raised, once `keep_going` says no (the job was cancelled meanwhile)."""
 
     def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:
         """The container of the job's current step."""

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -104,11 +104,22 @@ class FileRoots:
 # -- copying, always from a descriptor opened safely to a file made complete before it is seen
 
 
-def copy_in(source: Location, directory: bool, target: Path) -> int:
+class Cancelled(Exception):
+    """The task was cancelled while its inputs were copied: the copy stops where it is."""
+
+
+KeepGoing = Callable[[], bool]
+
+
+def _always() -> bool:
+    return True
+
+
+def copy_in(source: Location, directory: bool, target: Path, keep_going: KeepGoing = _always) -> int:
     """A file or folder below a file root into the work area (ours, and fresh); returns bytes copied."""
     try:
         if not directory:
-            return _copy_file(source.storage, source.parts, target)
+            return _copy_file(source.storage, source.parts, target, keep_going)
         total = 0
         target.mkdir(parents=True, exist_ok=True)
         for folder, files in source.storage.list_tree(source.parts).items():
@@ -116,23 +127,26 @@ def copy_in(source: Location, directory: bool, target: Path) -> int:
             here.mkdir(parents=True, exist_ok=True)
             inner = source.parts if folder == "." else (*source.parts, *folder.split("/"))
             for name in files:
-                total += _copy_file(source.storage, (*inner, name), here / name)
+                total += _copy_file(source.storage, (*inner, name), here / name, keep_going)
         return total
     except DsmError as exc:
         raise TransferFailed(f"{source.describe()}: {exc.message}") from None
 
 
-def _copy_file(storage: Storage, parts: Parts, target: Path) -> int:
+def _copy_file(storage: Storage, parts: Parts, target: Path, keep_going: KeepGoing) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     with storage.open_file(parts) as opened:
-        return write_file(target, opened.read(0, opened.size))
+        return write_file(target, opened.read(0, opened.size), keep_going)
 
 
-def write_file(target: Path, chunks: Iterable[bytes]) -> int:
+def write_file(target: Path, chunks: Iterable[bytes], keep_going: KeepGoing = _always) -> int:
+    """`chunks` into a new file at `target`; Cancelled as soon as `keep_going` says no."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     total = 0
     try:
         for chunk in chunks:
+            if not keep_going():
+                raise Cancelled
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
@@ -204,7 +218,7 @@ class HttpPolicy:
         if refusal:
             raise BadRequest(f"{field}: {refusal}", extra={"field": field})
 
-    def fetch(self, url: str, target: Path) -> int:
+    def fetch(self, url: str, target: Path, keep_going: KeepGoing = _always) -> int:
         """Download `url` to `target`; TransferFailed saying why when it cannot or may not."""
         deadline = time.monotonic() + self.timeout
         for _ in range(MAX_REDIRECTS + 1):
@@ -222,14 +236,16 @@ class HttpPolicy:
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     raise TransferFailed(f"{url} is {declared} bytes, more than TES_HTTP_MAX_BYTES"
                                          f" ({self.max_bytes})")
-                return write_file(target, self._body(url, response, deadline))
+                return write_file(target, self._body(url, response, deadline), keep_going)
             finally:
                 response.release_conn()
         raise TransferFailed(f"{url}: more than {MAX_REDIRECTS} redirects")
 
     def _body(self, url: str, response: urllib3.BaseHTTPResponse, deadline: float) -> Iterator[bytes]:
         total = 0
-        for chunk in response.stream(CHUNK):
+        # what has come, up to CHUNK: a server that sends slowly is measured against the deadline (and a
+        # cancelled task stops) as it goes, not once a whole CHUNK has come
+        while chunk := response.read1(CHUNK):
             total += len(chunk)
             if total > self.max_bytes:
                 raise TransferFailed(f"{url} is larger than TES_HTTP_MAX_BYTES ({self.max_bytes} bytes)")

@@ -26,7 +26,17 @@ from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec,
 from .images import image_allowed
 from .patterns import has_wildcard, path_matches
 from .schema import Input, Output, Task
-from .transfer import FileRoots, HttpPolicy, TransferFailed, copy_in, copy_out, scheme_of, write_file
+from .transfer import (
+    Cancelled,
+    FileRoots,
+    HttpPolicy,
+    KeepGoing,
+    TransferFailed,
+    copy_in,
+    copy_out,
+    scheme_of,
+    write_file,
+)
 from .workarea import WorkArea, remove_area, wildcard_base
 
 log = logging.getLogger(__name__)
@@ -103,7 +113,7 @@ class TesWorkload:
 
     # -- before the first executor
 
-    def prepare(self, job: Job) -> None:
+    def prepare(self, job: Job, keep_going: KeepGoing) -> None:
         task = Task.model_validate(job.task)
         for index, wanted in enumerate(task.outputs):
             if scheme_of(wanted.url) != "file":
@@ -120,14 +130,17 @@ class TesWorkload:
         try:
             area.create()
             for index, item in enumerate(task.inputs):
-                self._stage(index, item, area)
+                self._stage(index, item, area, keep_going)
+        except Cancelled:  # the start that follows ends it as cancelled, with the canceller's words
+            log.info("task %s (job %s): staging its inputs stopped, as it was cancelled", job.task_id, job.id)
+            return
         except TransferFailed as exc:
             raise CannotRun(str(exc), Failure.INPUT) from None
         except OSError as exc:
             raise CannotRun(f"staging inputs failed: {exc}", Failure.INPUT) from None
         log.info("task %s (job %s): %d input(s) staged", job.task_id, job.id, len(task.inputs))
 
-    def _stage(self, index: int, item: Input, area: WorkArea) -> None:
+    def _stage(self, index: int, item: Input, area: WorkArea, keep_going: KeepGoing) -> None:
         target = area.input_target(item.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         field = f"inputs[{index}]"
@@ -141,11 +154,11 @@ class TesWorkload:
                 source = self.roots.locate(url, f"{field}.url", folder=item.type == "DIRECTORY")
             except DsmError as exc:
                 raise TransferFailed(exc.message) from None
-            copy_in(source, item.type == "DIRECTORY", target)
+            copy_in(source, item.type == "DIRECTORY", target, keep_going)
         elif scheme in ("http", "https"):
             if item.type == "DIRECTORY":
                 raise TransferFailed(f"{field}: a DIRECTORY input cannot come from an {scheme}:// URL")
-            self.http.fetch(url, target)
+            self.http.fetch(url, target, keep_going)
         else:
             raise TransferFailed(f"{field}.url: this server cannot fetch {scheme}:// URLs; it serves file://"
                                  " (below TES_FILE_ROOTS), http:// and https://")
