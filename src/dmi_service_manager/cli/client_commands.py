@@ -199,7 +199,8 @@ def job(job_id: int, server: str, token: str | None, as_json: bool) -> int:
 @click.option("--tail", type=click.IntRange(min=0), help="only the last N lines")
 @server_options
 def logs(job_id: int, follow: bool, tail: int | None, server: str, token: str | None) -> int:
-    """A job's container output (stdout and stderr), as it comes."""
+    """A job's container output: stdout and stderr in the order they came while its container exists; once the
+    job has ended and its container is gone, what was kept of its stdout, then of its stderr."""
     client = Client(server, token)
     params = {"follow": "1"} if follow else {}
     if tail is not None:

@@ -354,7 +354,8 @@ def _error_line(job: Job) -> str:
 def _stored_output(results: dict[str, object] | None, tail: int | None) -> str:
     if not results:
         return ""
-    text = "".join(part if part.endswith("\n") else part + "\n"  # stdout, then stderr, as the live log shows them
+    # stdout, then stderr: kept apart (4CAT reads them as `report` and `error`), their order is not kept
+    text = "".join(part if part.endswith("\n") else part + "\n"
                    for part in (str(results.get(key) or "") for key in ("report", "error")) if part)
     if tail is not None:
         text = "\n".join(text.splitlines()[-tail:]) if tail else ""
