@@ -187,6 +187,7 @@ def test_cancel_a_pending_job_and_a_running_one(make_server: Callable[..., Serve
     job = server.wait_final(running, 20)
     assert job["status"] == "error"
     assert "Cancelled by token test-admin-0 (127.0.0.1)" in json.loads(job["results"])["error"]
+    assert job["message"] == "Cancelled by token test-admin-0 (127.0.0.1)."  # what 4CAT shows, as for the other
     assert containers_of(docker_client, server.instance, running) == []
     again = server.delete(f"/api/jobs/{running}")
     assert again.status_code == 200 and again.json()["job"]["status"] == "error"

@@ -448,9 +448,10 @@ class Scheduler:
                 return
         ended_at = max(state.finished_at, job.started_at or 0) if state.finished_at else None  # not the adoption's
         if job.stop_reason:
-            # Stopped by us (timeout, cancel): the job says so only once its container is gone.
+            # Stopped by us (timeout, cancel): the job says so only once its container is gone, and its message
+            # says why (as a job cancelled while it waited), not the last progress it made.
             remove()
-            self._end(job, result, completed_at=ended_at)
+            self._end(job, result, message=job.stop_detail, completed_at=ended_at)
         else:
             # Its own exit: record the results first, so a crash in between cannot lose them.
             self._end(job, result, completed_at=ended_at)
