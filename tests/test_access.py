@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,3 +120,31 @@ def test_forwarded_url_headers_from_an_untrusted_peer_are_ignored(server: Server
     assert body["result_url"] == f"{server.url}/api/jobs/{body['key']}"
     weird = server.post("/api/fake_local", json={"args": []}, headers={"Host": "a b/c\\d"}).json()
     assert weird["result_url"] == f"http://127.0.0.1:{server.port}/api/jobs/{weird['key']}"
+
+
+def test_a_page_of_another_web_site_cannot_have_a_browser_change_anything(make_server: Callable[..., Server],
+                                                                         tmp_path: Path) -> None:
+    """A browser on an allowed machine visits a hostile page, which posts a form or a no-cors fetch to this
+    server: no job, no progress message, no upload. Browsers mark such requests with Sec-Fetch-Site; 4CAT's
+    client, containers and the dashboard (same-origin) are not affected, nor a request that carries a token."""
+    server = make_server(base_config(tmp_path))
+    key = server.submit("fake_local", ["--sleep", "30"])["key"]
+    forged = {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}
+    attempts = [
+        server.post("/api/fake_remote", data=json.dumps({"args": ["--stdout", "csrf"]}), headers=forged),
+        server.post(f"/status_update/?key={key}&status=running&message=visit+evil.example", headers=forged),
+        server.post("/api/send_files", data={"folder_name": "forged"}, files={"4cat_uploads": ("a.txt", b"x")},
+                    headers={"Sec-Fetch-Site": "same-site"}),
+    ]
+    for response in attempts:
+        assert response.status_code == 403 and "another web site" in response.json()["reason"], response.text
+    assert [job["id"] for job in server.get("/jobs/").json()["jobs"]] == [key]
+    assert server.job(key)["message"] != "visit evil.example"
+    assert not (tmp_path / "uploads" / "forged").exists()
+    # the dashboard's own requests, 4CAT's (no such header), a token's, and reads from anywhere go through
+    assert server.post(f"/status_update/?key={key}&status=running&message=step+1",
+                       headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert server.post("/api/fake_remote", json={"args": []}).status_code == 202
+    assert server.get(f"/api/jobs/{key}", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+    with_token = {"Sec-Fetch-Site": "cross-site", "Authorization": f"Bearer {server.token('admin')}"}
+    assert server.delete(f"/api/jobs/{key}", headers=with_token).status_code == 202

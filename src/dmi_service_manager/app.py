@@ -76,9 +76,24 @@ def query_problem(query: bytes) -> str | None:
     return None
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_OTHER_SITES = frozenset({b"cross-site", b"same-site"})
+
+
+def _forged_by_another_site(scope: Scope) -> bool:
+    """A change that a browser sends for a page of another web site (Sec-Fetch-Site, which every current
+    browser adds and no other client does): a form or a no-cors fetch there could submit jobs, post progress
+    or upload, from a browser that the allow-list admits. One that carries a token is the caller's own doing
+    (no other site can attach one, nor a header that forces a CORS preflight)."""
+    if scope["method"] in _SAFE_METHODS:
+        return False
+    headers = dict(scope["headers"])
+    return headers.get(b"sec-fetch-site") in _OTHER_SITES and b"authorization" not in headers
+
+
 class AccessMiddleware:
-    """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing; then a path that no
-    route could read as sent is refused."""
+    """IP_WHITELIST and TRUSTED_PROXIES for every request, before any routing; changes that a page of
+    another web site had a browser send; then a path that no route could read as sent."""
 
     def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
         self.app = app
@@ -102,6 +117,15 @@ class AccessMiddleware:
             log.warning("refused %s %s from %s", scope["method"], scope["path"], who.address)
             response = json_response(DsmError(f"{who.address} may not use this server").body(), 403)
             # and hang up: what else it sends (a body, trailers, pipelined requests) is not read or kept
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
+        if _forged_by_another_site(scope):
+            log.warning("refused %s %s from %s: sent by a page of another web site", scope["method"], scope["path"],
+                        who.address)
+            refusal = DsmError("a page of another web site may not change anything here (its browser sent"
+                               " Sec-Fetch-Site: cross-site); send the request yourself, or with a token")
+            response = json_response(refusal.body(), 403)
             response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
