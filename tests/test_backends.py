@@ -175,18 +175,16 @@ def test_gpu_jobs_wait_in_slurm_until_a_card_frees(make_server: Callable[..., Se
 
 def test_a_node_that_cannot_see_the_data_says_so(make_server: Callable[..., Server], tmp_path: Path,
                                                  slurm_cluster: SlurmCluster) -> None:
-    config = base_config(tmp_path, BACKEND="slurm", SLURM_SPOOL_PATH=str(tmp_path / "slurm-jobs"),
-                         SLURM_POLL_SECONDS=0.5)
-    server = make_server(config, env=slurm_cluster.env)
-    server.stop()
-    hidden = tmp_path / "4cat"
-    hidden.rename(tmp_path / "4cat-moved")  # as a node that lacks the shared mount sees it
+    hidden = tmp_path / 'data "$(touch pwned)"'  # a folder's name is text in the job's script, never code
     hidden.mkdir()
-    server.start()
-    hidden.rmdir()
+    config = base_config(tmp_path, BACKEND="slurm", SLURM_SPOOL_PATH=str(tmp_path / "slurm-jobs"),
+                         SLURM_POLL_SECONDS=0.5, **{"4CAT_DATASETS_PATH": str(hidden)})
+    server = make_server(config, env=slurm_cluster.env)
+    hidden.rmdir()  # as a node that lacks the shared mount sees it
     key = server.submit("fake_local", [])["key"]
     job = server.wait_final(key, 120)
-    assert job["status"] == "error" and "cannot see" in _results(job)["error"]
+    assert job["status"] == "error" and f"cannot see {hidden}: the folders a job uses" in _results(job)["error"]
+    assert not list(tmp_path.rglob("pwned"))
 
 
 def test_check_config_says_whether_the_backend_answers(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:

@@ -200,6 +200,9 @@ class SlurmBackend:
             args += ["-v", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
         for key, value in spec.environment.items():
             args += ["-e", f"{key}={value}"]
+        if not spec.gpus and "NVIDIA_VISIBLE_DEVICES" not in spec.environment:
+            # a node's cards are other users' too: a CUDA image's own NVIDIA_VISIBLE_DEVICES=all would see them
+            args += ["-e", "NVIDIA_VISIBLE_DEVICES=void"]
         if spec.user:
             args += ["--user", spec.user]
         if spec.workdir:
@@ -217,9 +220,10 @@ class SlurmBackend:
         tail = [spec.image, *entry_args, *spec.argv]
         gpu_flag = ('gpu=(-e "NVIDIA_VISIBLE_DEVICES=$SLURM_JOB_GPUS")' if self.config.gpu_device_mode == "environment"
                     else 'gpu=(--gpus "\\"device=$SLURM_JOB_GPUS\\"")')
-        checks = "\n".join(
-            f'[ -e {q(m.host)} ] || fail "node $(hostname) cannot see {m.host}: the data folders must be on'
-            ' storage every Slurm node mounts at the same path"'
+        checks = "\n".join(  # the path quoted for the shell in the message too: a path is text, never code
+            f'[ -e {q(m.host)} ] || fail "node $(hostname) cannot see "{q(m.host)}": the folders a job uses (the'
+            ' data folders, TES_WORK_PATH, service volumes) must be on storage every Slurm node mounts at the same'
+            ' path"'
             for m in spec.mounts)
         return f"""#!/bin/bash
 # {spec.name}: one container run by the DMI Service Manager on this node. Its outcome is written here.
@@ -229,7 +233,11 @@ fail() {{ echo "$1" >> stderr; finish {NODE_CANNOT_SEE}; }}
 date +%s.%N > started
 {checks}
 gpu=()
-if [ {spec.gpus} -gt 0 ] && [ -n "${{SLURM_JOB_GPUS:-}}" ]; then {gpu_flag}; fi
+if [ {spec.gpus} -gt 0 ]; then
+  [ -n "${{SLURM_JOB_GPUS:-}}" ] || fail "Slurm gave this job no GPU ids on node $(hostname) (SLURM_JOB_GPUS is\
+ empty): its gres.conf must name each card's device (File=/dev/nvidia0 ...)"
+  {gpu_flag}
+fi
 stop() {{ {engine} stop -t {int(self.grace)} {q(spec.name)} >/dev/null 2>&1; }}
 trap stop TERM INT
 {engine} {" ".join(q(a) for a in args)} "${{gpu[@]}}" {" ".join(q(a) for a in tail)} > stdout 2> stderr &
