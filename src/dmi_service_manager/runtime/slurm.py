@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ NODE_CANNOT_SEE = 200  # the exit code a script uses when the node lacks a folde
 _ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 _WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
+
+
+def _account() -> str:
+    """The user this server submits as (its Slurm jobs are that user's)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no name for this uid (a container's): Slurm takes the number too
+        return str(os.getuid())
 
 
 def _labels(name: str) -> dict[str, str]:
@@ -124,7 +133,10 @@ class SlurmBackend:
             if not fresh and self._cached and time.monotonic() - self._cached[0] < QUEUE_SECONDS:
                 return self._cached[1]
         asked = time.monotonic()  # what the answer can know of: a job submitted after this is not in it
-        output = self._run("squeue", "--noheader", "--all", "--states=all", "--format=%j|%i|%T|%S")
+        # only this account's jobs: any user can name a job dsm-<instance>-<id>, and must never have it taken for
+        # ours (nor have it cancelled, where this account is a Slurm operator)
+        output = self._run("squeue", "--noheader", "--all", "--states=all", f"--user={_account()}",
+                           "--format=%j|%i|%T|%S")
         found: dict[str, tuple[str, str, str]] = {}
         for line in output.splitlines():
             name, _, rest = line.strip().partition("|")
