@@ -241,6 +241,23 @@ def test_hostile_messages_names_and_output_are_shown_as_text(make_server: Callab
     assert page.locator("main img, main script, main svg, main b").count() == 0
 
 
+def test_terminal_colours_and_endless_messages_are_shown_plainly_and_short(make_server: Callable[..., Server],
+                                                                          open_page: Callable[..., Page]) -> None:
+    server = make_server()
+    coloured = server.submit("fake_local", ["--stderr", "\x1b[31mred failure\x1b[0m", "--exit", "3"])["key"]
+    running = server.submit("fake_local", ["--sleep", "120"])["key"]
+    server.wait_status(running, "running")
+    endless = "B" * 60_000
+    assert server.post("/status_update/", params={"key": running, "status": "running",
+                                                  "message": endless}).status_code == 200
+    server.wait_final(coloured)
+    page = open_page(server)
+    expect(field(row(page, "finished", coloured), "Error")).to_have_text("red failure", timeout=WAIT)
+    progress = field(row(page, "running", running), "Progress")
+    expect(progress).to_have_text("…" + "B" * 600, timeout=WAIT)
+    assert row(page, "running", running).bounding_box()["height"] < 600  # the other sections stay in view
+
+
 def test_the_gpu_cards_show_their_reservations_and_why_a_job_waits_for_one(
         make_server: Callable[..., Server], tmp_path: Path, open_page: Callable[..., Page]) -> None:
     # A card declared by hand, cards named in NVIDIA_VISIBLE_DEVICES: the containers start on this GPU-less host.
@@ -274,6 +291,10 @@ def test_with_require_token_the_page_asks_for_one(make_server: Callable[..., Ser
                             headers={"Authorization": f"Bearer {server.token('submit')}"})
     assert submitted.status_code == 202, submitted.text
     job = submitted.json()["key"]
+    uploaded = server.post("/api/send_files", data={"folder_name": "private-run"},
+                           files={"4cat_uploads": ("a.txt", b"x")},
+                           headers={"Authorization": f"Bearer {server.token('submit')}"})
+    assert uploaded.status_code == 200, uploaded.text
 
     page = open_page(server)
     expect(page.locator("#auth")).to_contain_text("This server needs a token to show its state.")
@@ -281,14 +302,16 @@ def test_with_require_token_the_page_asks_for_one(make_server: Callable[..., Ser
     expect(page.locator("#finished-section .problem")).to_have_text("Needs a token (see above).")
     expect(page.locator("tbody tr")).to_have_count(0)
 
-    use_token(page, server.token("read"))
+    use_token(page, "Bearer " + server.token("read"))  # pasted with its header's word: taken as the token
     expect(page.locator("#auth")).to_be_hidden(timeout=WAIT)
     expect(page.locator("#health")).to_have_text("healthy")
     expect(field(row(page, "finished", job), "Status")).to_have_text("complete", timeout=WAIT)
+    expect(row(page, "collections", "private-run")).to_have_count(1, timeout=WAIT)
 
     page.get_by_role("button", name="Forget token").click()
     expect(page.locator("#auth")).to_contain_text("needs a token", timeout=WAIT)
     expect(row(page, "finished", job)).to_have_count(0)
+    expect(row(page, "collections", "private-run")).to_have_count(0, timeout=5000)  # not kept for its 30 s
     assert page.evaluate("sessionStorage.length") == 0
 
     use_token(page, "dsm_not-a-token")

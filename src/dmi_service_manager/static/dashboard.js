@@ -46,6 +46,7 @@
   }
 
   function setToken(value) {
+    sections.forEach(forget);  // what the last token could read is not shown under the next one
     try {
       if (value) sessionStorage.setItem(TOKEN_KEY, value);
       else sessionStorage.removeItem(TOKEN_KEY);
@@ -213,8 +214,16 @@
     return "other";
   }
 
+  // Terminal control sequences (colours, cursor moves) and other control characters that containers print:
+  // shown as text they would be stray glyphs.
+  const CONTROL = /\x1b\[[0-?]*[ -\/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f]/g;
+
+  function plain(text) {
+    return String(text || "").replace(CONTROL, "");
+  }
+
   function tail(text, lines, chars) {
-    const kept = String(text || "").trimEnd().split("\n").slice(-lines).join("\n");
+    const kept = plain(text).trimEnd().split("\n").slice(-lines).join("\n");
     return kept.length > chars ? "…" + kept.slice(-chars) : kept;
   }
 
@@ -341,7 +350,7 @@
           cell("Job", String(job.id)),
           cell("Service", service(job)),
           cell("Submitted", when(job.created_at)),
-          cell("Progress", el("span", { class: "msg", text: job.message || "" })),
+          cell("Progress", el("span", { class: "msg", text: tail(job.message, 5, 600) })),
           cell("Records", job.processed_records ?? ""),
           actions(
             ...(job.kind === "tes" ? [] : [button(following ? "Following log" : "Follow log",
@@ -359,7 +368,9 @@
       const results = parsed(job.results);
       const code = results.returncode ?? results.exit_code;
       const error = tail(results.error, 5, 600);
-      const note = [job.message, error].filter(Boolean);
+      const message = tail(job.message, 5, 600);
+      // a job stopped by the server has its reason as both its message and the first line of its error
+      const note = (message && error.includes(message) ? [error] : [message, error]).filter(Boolean);
       return {
         key: String(job.id),
         sig: JSON.stringify(job),
@@ -509,8 +520,7 @@
     try {
       const answer = await (await request(`api/jobs/${id}?by=dashboard`, { method: "DELETE" })).json();
       const job = answer.job || {};
-      notice(`Job ${id}: ${job.status === "running" ? "asked to stop" : job.status || "cancelled"}. `
-        + (job.message || ""), false);
+      notice(`Job ${id}: ${job.status === "running" ? "asked to stop" : job.status || "cancelled"}.`, false);
     } catch (error) {
       notice(`Could not cancel job ${id}: ${error.message}`, true);
     }
@@ -606,7 +616,7 @@
   function append(output, text, chunk) {
     if (!chunk) return;
     const atEnd = output.scrollTop + output.clientHeight >= output.scrollHeight - 8;
-    text.appendData(chunk);
+    text.appendData(plain(chunk.replace(/\r(?!\n)/g, "\n")));  // a progress bar's redraws, one per line
     if (text.length > LOG_MAX_CHARS) text.deleteData(0, text.length - LOG_MAX_CHARS);
     if (atEnd) output.scrollTop = output.scrollHeight;
   }
@@ -648,6 +658,14 @@
     });
   }
 
+  function forget(section) {
+    delete state.data[section.id];  // show nothing the token may no longer read
+    section.loadedAt = 0;
+    const table = $(section.id) && $(section.id).querySelector("tbody");
+    if (table) syncRows(table, []);
+    if (section.id === "gpus-section") $("gpus").replaceChildren();
+  }
+
   async function poll() {
     clearTimeout(state.timer);
     if (state.polling) {
@@ -680,14 +698,13 @@
         } else {
           errors.push(result.reason);
           sectionProblem(section.id, result.reason);
-          if (result.reason.status === 401 || result.reason.status === 403) {
-            delete state.data[section.id];  // show nothing the token may no longer read
-            const table = $(section.id).querySelector("tbody");
-            if (table) syncRows(table, []);
-            if (section.id === "gpus-section") $("gpus").replaceChildren();
-          }
+          if (result.reason.status === 401 || result.reason.status === 403) forget(section);
         }
       });
+      if (errors.some((e) => e.status === 401)) {
+        // a token refused now: sections read earlier and kept a while (collections) go too, not in 30 s
+        sections.filter((section) => section.every).forEach(forget);
+      }
       refused(errors);
       const stamp = new Date().toLocaleTimeString();
       $("updated").textContent = errors.length
@@ -705,7 +722,7 @@
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const input = $("token");
-    const value = input.value.trim();
+    const value = input.value.trim().replace(/^bearer\s+/i, "");  // pasted with its header's word
     input.value = "";
     if (!value) return;
     setToken(value);
