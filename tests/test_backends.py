@@ -279,3 +279,29 @@ def test_the_docker_backend_reuses_its_connections_to_the_engine() -> None:
     for number in range(40):
         assert backend.inspect(f"dsm-test-no-such-container-{number}") is None
     assert sockets() - before <= 1
+
+
+def test_a_slurm_run_that_ended_without_a_visible_outcome_is_not_called_dead_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On NFS a node's exit_code file may show up a while after Slurm says the job ended (the server cached
+    that it was not there): the run waits OUTCOME_GRACE_SECONDS for it, and ends with the real exit code."""
+    from dmi_service_manager.config import load_config
+    from dmi_service_manager.runtime import slurm
+
+    config = base_config(tmp_path, BACKEND="slurm", SLURM_SPOOL_PATH=str(tmp_path / "spool"))
+    (tmp_path / "config.yml").write_text(json.dumps(config))
+    backend = slurm.SlurmBackend(load_config(tmp_path / "config.yml", env={}).config)
+    name = "dsm-abc123-7"
+    folder = tmp_path / "spool" / name
+    folder.mkdir(parents=True)
+    ended = {name: ("12", "COMPLETED", "")}
+    assert backend._state(name, ended).status == "running"  # not yet: its outcome may still show
+    (folder / "exit_code").write_text("0\n")
+    state = backend._state(name, ended)
+    assert (state.status, state.exit_code) == ("exited", 0)
+
+    other = "dsm-abc123-8"
+    (tmp_path / "spool" / other).mkdir()
+    monkeypatch.setattr(slurm, "OUTCOME_GRACE_SECONDS", 0.0)
+    dead = backend._state(other, {other: ("13", "NODE_FAIL", "")})
+    assert dead.status == "dead" and "ended (NODE_FAIL) without writing its outcome" in dead.error

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 COMMAND_SECONDS = 30.0
 QUEUE_SECONDS = 0.5
 NODE_CANNOT_SEE = 200  # the exit code a script uses when the node lacks a folder the job needs
+# How long a run that Slurm says has ended may show no outcome before it counts as dead: a shared file system
+# (NFS) may show a file a node wrote that late, having cached that it was not there (acdirmax: 60 s).
+OUTCOME_GRACE_SECONDS = 60.0
 _ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 _WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
@@ -101,6 +104,7 @@ class SlurmBackend:
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, tuple[str, str, str]]] | None = None
         self._submitted: dict[str, float] = {}  # run -> when this process submitted it
+        self._no_outcome: dict[str, float] = {}  # run -> when it was first seen ended without an outcome
 
     # -- talking to Slurm
 
@@ -285,16 +289,28 @@ finish "$code"
             code, finished, error = None, None, ""
         elif queued is None and self._newer_than_queue(name):
             status, code, finished, error = "waiting", None, None, ""  # submitted after that squeue answered
+        elif (queued is not None or folder.is_dir()) and self._outcome_may_still_show(name):
+            status, code, finished, error = "running", None, None, ""
         elif queued is not None or folder.is_dir():
             # Slurm ended it (or forgot it) before its script could write an outcome: killed hard, or the node failed.
             state = queued[1] if queued else "no longer known to Slurm"
             slurm_err = (self._read(name, "slurm.err") or "")[-500:]
             status, code, finished = "dead", None, time.time()
-            error = f"the Slurm job {job_id} ended ({state}) without writing its outcome. {slurm_err}".strip()
+            error = (f"the Slurm job {job_id} ended ({state}) without writing its outcome into {folder} (a node that"
+                     f" cannot see SLURM_SPOOL_PATH cannot even start the job there). {slurm_err}").strip()
         else:
             return None
         return ContainerState(id=name, name=name, labels=_labels(name), status=status, exit_code=code,
                               started_at=self._started(name), finished_at=finished, image_id="", error=error)
+
+    def _outcome_may_still_show(self, name: str) -> bool:
+        """Whether a run that ended without a visible outcome is still within OUTCOME_GRACE_SECONDS of when
+        that was first seen. Listing its folder makes an NFS client read the folder again."""
+        with self._lock:
+            first = self._no_outcome.setdefault(name, time.monotonic())
+        with contextlib.suppress(OSError):
+            os.listdir(self._folder(name))
+        return time.monotonic() - first < OUTCOME_GRACE_SECONDS
 
     def _newer_than_queue(self, name: str) -> bool:
         with self._lock:
@@ -323,6 +339,8 @@ finish "$code"
         if queued is not None and queued[1] not in _ENDED:
             self._run("scancel", queued[0], check=False)
         shutil.rmtree(self._folder(run_id), ignore_errors=True)
+        with self._lock:
+            self._no_outcome.pop(run_id, None)
 
     def outputs(self, run_id: str, limit: int) -> tuple[CapturedLog, CapturedLog]:
         return self._output(run_id, "stdout", limit), self._output(run_id, "stderr", limit)
