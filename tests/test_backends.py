@@ -173,6 +173,29 @@ def test_gpu_jobs_wait_in_slurm_until_a_card_frees(make_server: Callable[..., Se
         assert server.wait_final(key, 120)["status"] == "complete"
 
 
+def test_a_slurm_runs_environment_and_output_are_its_accounts_alone(make_server: Callable[..., Server],
+                                                                   tmp_path: Path,
+                                                                   slurm_cluster: SlurmCluster) -> None:
+    """The spool is shared storage and a node's process list is every user's: a service's secrets are in
+    neither the job script nor a command line, and the run's folder is the account's alone."""
+    config = base_config(tmp_path, BACKEND="slurm", SLURM_SPOOL_PATH=str(tmp_path / "slurm-jobs"),
+                         SLURM_POLL_SECONDS=0.5)
+    config["DOCKER_ENDPOINTS"]["shell"] = {"image_name": BUSYBOX, "local": True, "command": "sh -c",
+                                           "data_path": "/app/data",
+                                           "environment": {"API_KEY": "s3cret-value", "MULTI": "two\nlines"}}
+    server = make_server(config, env=slurm_cluster.env)
+    key = server.submit("shell_local", ['echo "key=$API_KEY lines=$(echo "$MULTI" | wc -l)"; sleep 5'])["key"]
+    server.wait_status(key, "running")
+    folder = tmp_path / "slurm-jobs" / f"dsm-{server.instance}-{key}"
+    wait_until(lambda: (folder / "started").exists(), 60, what="the job's script to start")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "env").stat().st_mode & 0o777 == 0o600
+    assert "s3cret-value" not in (folder / "job.sh").read_text()
+    assert (folder / "stdout").stat().st_mode & 0o077 == 0  # what the container prints is private too
+    job = server.wait_final(key, 120)
+    assert job["status"] == "complete" and "key=s3cret-value lines=2" in _results(job)["report"], job
+
+
 def test_a_node_that_cannot_see_the_data_says_so(make_server: Callable[..., Server], tmp_path: Path,
                                                  slurm_cluster: SlurmCluster) -> None:
     hidden = tmp_path / 'data "$(touch pwned)"'  # a folder's name is text in the job's script, never code

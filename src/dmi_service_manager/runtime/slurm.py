@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -53,6 +54,20 @@ OUTCOME_GRACE_SECONDS = 60.0
 _ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 _WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED", "STOPPED"}
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _fits_env_file(key: str, value: str) -> bool:
+    """Whether Docker's (and Podman's) --env-file reads KEY=value back as it was given."""
+    return bool(_ENV_NAME.fullmatch(key)) and "\n" not in value and "\r" not in value and "\x00" not in value
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def _account() -> str:
@@ -193,6 +208,9 @@ class SlurmBackend:
             self._submitted[spec.name] = math.inf
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)  # the spool is shared storage: a run's environment and output are its own
+            _write_private(folder / "env", "".join(f"{k}={v}\n" for k, v in spec.environment.items()
+                                                   if _fits_env_file(k, v)))
             script.write_text(self._script(spec))
             job_id = self._run(*command).strip().split(";")[0]
             (folder / "jobid").write_text(job_id + "\n")
@@ -214,8 +232,12 @@ class SlurmBackend:
             args += ["--label", f"{key}={value}"]
         for mount in spec.mounts:
             args += ["-v", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
+        # Values go in a file only the account reads (a command line is every node user's to see in `ps`);
+        # the few that such a file cannot hold (a line break, a name Docker would refuse there) on the line.
+        args += ["--env-file", str(self._folder(spec.name) / "env")]
         for key, value in spec.environment.items():
-            args += ["-e", f"{key}={value}"]
+            if not _fits_env_file(key, value):
+                args += ["-e", f"{key}={value}"]
         if not spec.gpus and "NVIDIA_VISIBLE_DEVICES" not in spec.environment:
             # a node's cards are other users' too: a CUDA image's own NVIDIA_VISIBLE_DEVICES=all would see them
             args += ["-e", "NVIDIA_VISIBLE_DEVICES=void"]
@@ -244,6 +266,7 @@ class SlurmBackend:
         return f"""#!/bin/bash
 # {spec.name}: one container run by the DMI Service Manager on this node. Its outcome is written here.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+umask 077
 finish() {{ echo "$1" > exit_code.tmp && mv -f exit_code.tmp exit_code; exit 0; }}
 fail() {{ echo "$1" >> stderr; finish {NODE_CANNOT_SEE}; }}
 date +%s.%N > started
