@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from ..runtime.base import (
     argv_too_long,
 )
 from .model import Failure, Job, JobStatus, StopReason, error_results
-from .workload import Ended, StepExit, exit_failure
+from .workload import Ended, KeepGoing, StepExit, exit_failure
 
 
 def container_name(instance_id: str, job_id: int) -> str:
@@ -149,7 +148,7 @@ class FourCatWorkload:
         self.instance_id = instance_id
         self.server_url = server_url
 
-    def prepare(self, job: Job, keep_going: Callable[[], bool]) -> None:
+    def prepare(self, job: Job, keep_going: KeepGoing) -> None:
         return None
 
     def spec(self, job: Job, gpu_ids: list[str]) -> ContainerSpec:

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,7 @@ from . import placement
 from .launch import stop_failure
 from .model import Failure, Job, JobStatus, Kind, StopReason
 from .store import Store
-from .workload import CannotRun, Ended, NextStep, StepExit, Workload
+from .workload import CannotRun, Ended, KeepGoing, NextStep, StepExit, Workload
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ class Scheduler:
         finally:
             self._release(job.id)
 
-    def _still_wanted(self, job_id: int) -> Callable[[], bool]:
+    def _still_wanted(self, job_id: int) -> KeepGoing:
         """Whether a job being prepared is still wanted, read from the store at most once a second (a cancel
         may come through any worker process)."""
         checked = [time.monotonic()]

@@ -65,8 +65,11 @@ class NextStep:
     task_log: dict[str, Any]
 
 
+KeepGoing = Callable[[], bool]  # whether work under way is still wanted (false once its job is cancelled)
+
+
 class Workload(Protocol):
-    def prepare(self, job: Job, keep_going: Callable[[], bool]) -> None:
+    def prepare(self, job: Job, keep_going: KeepGoing) -> None:
         """Work before the first container (stage inputs); raises CannotRun saying why it cannot. It stops
         early, with nothing raised, once `keep_going` says no (the job was cancelled meanwhile)."""
 

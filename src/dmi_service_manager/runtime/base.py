@@ -32,13 +32,16 @@ def no_gpu_runtime(services: Iterable[str] = ()) -> str:
             " Set gpu: false on a service to run it on the CPU.")
 
 
-def argv_too_long(argv: list[str], hint: str = "Send fewer files per job.") -> str:
+FEWER_FILES = "Send fewer files per job."  # what a 4CAT job's too long argument list asks of its sender
+
+
+def argv_too_long(argv: list[str], hint: str = FEWER_FILES) -> str:
     size = sum(len(a.encode()) + 1 for a in argv)
     return (f"The kernel refuses the container's argument list as too long ({len(argv)} arguments, {size} bytes;"
             f" the limit is about {os.sysconf('SC_ARG_MAX')} bytes, {MAX_ARG_STRLEN} per argument). {hint}")
 
 
-def check_argv(argv: list[str], hint: str = "Send fewer files per job.") -> str | None:
+def check_argv(argv: list[str], hint: str = FEWER_FILES) -> str | None:
     """Why the kernel would refuse to exec this argument list, before a container is made for it."""
     size = sum(len(a.encode()) + 1 for a in argv)
     if size > os.sysconf("SC_ARG_MAX") or any(len(a.encode()) >= MAX_ARG_STRLEN for a in argv):

@@ -312,15 +312,15 @@ finish "$code"
             code, finished, error = None, None, ""
         elif queued is None and self._newer_than_queue(name):
             status, code, finished, error = "waiting", None, None, ""  # submitted after that squeue answered
-        elif (queued is not None or folder.is_dir()) and self._outcome_may_still_show(name):
-            status, code, finished, error = "running", None, None, ""
         elif queued is not None or folder.is_dir():
-            # Slurm ended it (or forgot it) before its script could write an outcome: killed hard, or the node failed.
-            state = queued[1] if queued else "no longer known to Slurm"
-            slurm_err = (self._read(name, "slurm.err") or "")[-500:]
-            status, code, finished = "dead", None, time.time()
-            error = (f"the Slurm job {job_id} ended ({state}) without writing its outcome into {folder} (a node that"
-                     f" cannot see SLURM_SPOOL_PATH cannot even start the job there). {slurm_err}").strip()
+            if self._outcome_may_still_show(name):
+                status, code, finished, error = "running", None, None, ""
+            else:  # Slurm ended (or forgot) it before its script wrote an outcome: killed hard, or the node failed
+                state = queued[1] if queued else "no longer known to Slurm"
+                slurm_err = (self._read(name, "slurm.err") or "")[-500:]
+                status, code, finished = "dead", None, time.time()
+                error = (f"the Slurm job {job_id} ended ({state}) without writing its outcome into {folder} (a node"
+                         f" that cannot see SLURM_SPOOL_PATH cannot even start the job there). {slurm_err}").strip()
         else:
             return None
         return ContainerState(id=name, name=name, labels=_labels(name), status=status, exit_code=code,

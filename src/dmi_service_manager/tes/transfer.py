@@ -13,7 +13,7 @@ import ipaddress
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
@@ -23,6 +23,7 @@ import urllib3
 from ..config import split_url
 from ..errors import BadRequest, DsmError
 from ..files.storage import Parts, Storage, disk_full_is_507, split_path
+from ..jobs.workload import KeepGoing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 5
@@ -106,9 +107,6 @@ class FileRoots:
 
 class Cancelled(Exception):
     """The task was cancelled while its inputs were copied: the copy stops where it is."""
-
-
-KeepGoing = Callable[[], bool]
 
 
 def _always() -> bool:

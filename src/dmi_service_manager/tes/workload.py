@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import DsmError
 from ..jobs.launch import stop_failure
 from ..jobs.model import Failure, Job, JobStatus, error_results
-from ..jobs.workload import CannotRun, Ended, NextStep, StepExit, exit_failure
+from ..jobs.workload import CannotRun, Ended, KeepGoing, NextStep, StepExit, exit_failure
 from ..runtime.base import LABEL_INSTANCE, LABEL_JOB, LABEL_STEP, ContainerSpec, Mount, StartFailed
 from .images import image_allowed
 from .patterns import has_wildcard, path_matches
@@ -30,7 +30,6 @@ from .transfer import (
     Cancelled,
     FileRoots,
     HttpPolicy,
-    KeepGoing,
     TransferFailed,
     copy_in,
     copy_out,
